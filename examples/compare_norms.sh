@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The normalization study as a shell script: train BN + L1, GN and LN on one
+# dataset, plot them together, show 10 misclassified images each, compare.
+#
+#   examples/compare_norms.sh DATASET [--epochs N] [--data-dir DIR] [--out DIR]
+#                                     [--limit N] [--device D] [--l1 LAMBDA]
+#
+# Re-running it resumes unfinished runs and keeps finished ones.
+set -euo pipefail
+
+usage() { echo "usage: $0 mnist|cifar10 [--epochs N] [--data-dir DIR] [--out DIR] [--limit N] [--device D] [--l1 LAMBDA]" >&2; exit 2; }
+[[ $# -ge 1 ]] || usage
+dataset=$1; shift
+case $dataset in
+  mnist) l1=1e-4 ;;
+  cifar10) l1=1e-5 ;;
+  *) usage ;;
+esac
+out=bench/results/$dataset
+data_opts=()   # where the data is and what runs it: every command
+limit_opts=()  # --limit: training, eval and misclassified
+epoch_opts=()
+while [[ $# -gt 0 ]]; do
+  [[ $# -ge 2 ]] || usage
+  case $1 in
+    --epochs) epoch_opts=("$1" "$2"); shift 2 ;;
+    --limit) limit_opts=("$1" "$2"); shift 2 ;;
+    --data-dir|--device) data_opts+=("$1" "$2"); shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --l1) l1=$2; shift 2 ;;
+    *) usage ;;
+  esac
+done
+mkdir -p "$out"
+log="$out/log.txt"
+echo "# $(date -u +%FT%TZ) $0 $dataset ${data_opts[*]} ${limit_opts[*]} ${epoch_opts[*]} --out $out --l1 $l1" >>"$log"
+
+step() {  # step NAME CMD...: run a command, log its wall time
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@"
+  echo "$name: $((SECONDS - t0)) s" >>"$log"
+}
+
+ckpts=()
+for run in "bn_l1:--norm bn --l1 $l1" "gn:--norm gn" "ln:--norm ln"; do
+  name=${run%%:*}; read -r -a opts <<<"${run#*:}"
+  ckpt="$out/$name.safetensors"
+  if [[ -f $ckpt ]]; then  # finished runs return at once; interrupted ones continue
+    step "train $name" normcli train --resume "$ckpt" "${data_opts[@]}" >/dev/null
+  else
+    step "train $name" normcli train --dataset "$dataset" "${opts[@]}" "${epoch_opts[@]}" \
+      "${limit_opts[@]}" "${data_opts[@]}" --out "$ckpt" >/dev/null
+  fi
+  ckpts+=("$ckpt")
+done
+
+step plot normcli plot "${ckpts[@]}" --out "$out/curves.png" --overwrite >/dev/null
+step "plot test_loss" normcli plot "${ckpts[@]}" --metric test_loss --out "$out/test_loss.png" --overwrite >/dev/null
+step "plot test_accuracy" normcli plot "${ckpts[@]}" --metric test_accuracy --out "$out/test_accuracy.png" --overwrite >/dev/null
+for ckpt in "${ckpts[@]}"; do
+  name=$(basename "$ckpt" .safetensors)
+  step "misclassified $name" normcli misclassified "$ckpt" --n 10 "${data_opts[@]}" "${limit_opts[@]}" \
+    --out "$out/misclassified_$name.png" --overwrite >/dev/null
+done
+step "eval" normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --json >"$out/eval.json"
+normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --markdown >"$out/eval.md"
+cat "$out/eval.md"

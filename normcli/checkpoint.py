@@ -1,0 +1,250 @@
+"""Checkpoints: safetensors files whose metadata alone rebuilds the model.
+
+Tensors: the model's state dict under `model.`, and, for resuming, optimizer
+buffers under `optim.` and RNG states under `rng.`. Metadata (all strings,
+JSON where structured) is validated against `SCHEMA` before anything is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from normcli import __version__
+from normcli.errors import NormcliError
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a normcli header is a few hundred kB at most
+MAX_FILE_BYTES = 2 * 1024**3
+
+# key -> (JSON-decoded python type(s), required). Values are JSON text in the file.
+SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "format_version": (int, True),
+    "model": (str, True),
+    "norm": (str, True),
+    "groups": ((int, type(None)), True),
+    "dropout": (float, True),
+    "dataset": (str, True),
+    "class_names": (list, True),
+    "input_shape": (list, True),
+    "mean": (list, True),
+    "std": (list, True),
+    "config": (dict, True),
+    "history": (list, True),
+    "normcli_version": (str, True),
+    "torch_version": (str, True),
+    "created": (str, True),
+    "resume": ((dict, type(None)), False),
+}
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything needed to rebuild, describe and resume a run."""
+
+    model: str
+    norm: str
+    groups: int | None
+    dropout: float
+    dataset: str
+    class_names: list[str]
+    input_shape: list[int]
+    mean: list[float]
+    std: list[float]
+    config: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    resume: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+    normcli_version: str = __version__
+    torch_version: str = torch.__version__
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    @property
+    def l1(self) -> float:
+        return float(self.config.get("l1", 0.0))
+
+    def to_strings(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str] | None, where: str) -> CheckpointMeta:
+        """Parse and validate safetensors metadata; NormcliError names the first problem."""
+        if not raw or "format_version" not in raw:
+            raise NormcliError(f"{where}: not a normcli checkpoint (no normcli metadata)")
+        values: dict[str, Any] = {}
+        for key, (types, required) in SCHEMA.items():
+            if key not in raw:
+                if required:
+                    raise NormcliError(f"{where}: incomplete normcli metadata, {key!r} missing")
+                continue
+            try:
+                value = json.loads(raw[key])
+            except json.JSONDecodeError:
+                raise NormcliError(f"{where}: metadata {key!r} is not valid JSON") from None
+            if types is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise NormcliError(f"{where}: metadata {key!r} has the wrong type")
+            values[key] = value
+        if values["format_version"] > FORMAT_VERSION:
+            raise NormcliError(
+                f"{where}: checkpoint format {values['format_version']} is newer than this "
+                f"normcli understands ({FORMAT_VERSION}); upgrade normcli"
+            )
+        _check_lists(values, where)
+        return cls(**values)
+
+
+def _check_lists(values: dict[str, Any], where: str) -> None:
+    def ok(seq: list, kind: type | tuple[type, ...]) -> bool:
+        return all(isinstance(v, kind) and not isinstance(v, bool) for v in seq)
+
+    checks = {
+        "class_names": ok(values["class_names"], str),
+        "input_shape": len(values["input_shape"]) == 3 and ok(values["input_shape"], int),
+        "mean": ok(values["mean"], (int, float)),
+        "std": ok(values["std"], (int, float)) and all(s > 0 for s in values["std"]),
+        "history": ok(values["history"], dict),
+    }
+    for key, good in checks.items():
+        if not good:
+            raise NormcliError(f"{where}: metadata {key!r} has the wrong type")
+    for row in values["history"]:
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()):
+            raise NormcliError(f"{where}: metadata 'history' has the wrong type")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model (eval mode), its metadata and extra tensors."""
+
+    path: Path
+    model: nn.Module
+    meta: CheckpointMeta
+    extra: dict[str, torch.Tensor]
+
+
+def _check_header(path: Path) -> None:
+    """Refuse files that cannot be safetensors before handing them to the parser."""
+    if not path.exists():
+        raise NormcliError(f"{path}: no such file")
+    if not path.is_file():
+        raise NormcliError(f"{path}: not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise NormcliError(f"{path}: empty file, not a checkpoint")
+    if size > MAX_FILE_BYTES:
+        raise NormcliError(f"{path}: {size} bytes, too large for a normcli checkpoint")
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        raise NormcliError(f"{path}: not a safetensors file (too short)")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > MAX_HEADER_BYTES or header_len > size - 8 or head[8:9] != b"{":
+        raise NormcliError(f"{path}: not a safetensors file (bad header)")
+
+
+def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
+    """Raw metadata and tensors of a safetensors file, with clean errors."""
+    path = Path(path)
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NormcliError(f"{path}: not a valid safetensors file ({reason})") from None
+    return raw, tensors
+
+
+def read_metadata(path: str | os.PathLike[str]) -> CheckpointMeta:
+    """Validated normcli metadata of a checkpoint, without building the model."""
+    raw, _ = read_file(path)
+    return CheckpointMeta.from_strings(raw, str(path))
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Checkpoint:
+    """Load a checkpoint and rebuild the exact model from its metadata alone."""
+    from normcli.models import build_model  # models import nothing from here; keep it one-way
+
+    path = Path(path)
+    raw, tensors = read_file(path)
+    meta = CheckpointMeta.from_strings(raw, str(path))
+    model = build_model(
+        meta.model,
+        norm=meta.norm,
+        groups=meta.groups,
+        dropout=meta.dropout,
+        num_classes=len(meta.class_names),
+    )
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise NormcliError(
+            f"{path}: tensors do not match model {meta.model} ({'missing' if missing else 'unexpected'} {name!r})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape or value.dtype != expected[key].dtype:
+            raise NormcliError(
+                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, "
+                f"model {meta.model} needs {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state)
+    model.to(device).eval()
+    extra = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    return Checkpoint(path, model, meta, extra)
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, before any work, if `path` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise NormcliError(f"{path}: is a directory, expected a file path")
+    if not parent.is_dir():
+        raise NormcliError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise NormcliError(f"{path}: folder {parent} is not writable")
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` then rename over `path`: readers never see a partial file."""
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    meta: CheckpointMeta,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write model weights (+ extra tensors) and metadata atomically; returns the path."""
+    path = Path(path)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for key, value in (extra or {}).items():
+        tensors[key] = value.detach().cpu().contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta.to_strings()))
+    return path

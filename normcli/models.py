@@ -1,0 +1,216 @@
+"""Model registry and the networks.
+
+A model is a plain builder function decorated with `@register`; `build_model` is
+the one door, `list_models` answers "what is there?". Builders take a
+`norm_layer` (see `normcli.norms`) so every norm fits every model.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from normcli.errors import NormcliError
+from normcli.norms import NormLayer, check_norm, get_norm_layer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Registry record: the builder and the facts summaries need."""
+
+    name: str
+    dataset: str
+    builder: Callable[..., nn.Module]
+    default: bool
+    description: str
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register(
+    name: str, *, dataset: str, default: bool = False
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a builder `fn(*, norm_layer, num_classes, dropout)` to the registry."""
+
+    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        if default and any(m.default and m.dataset == dataset for m in _REGISTRY.values()):
+            raise ValueError(f"dataset {dataset!r} already has a default model")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = ModelInfo(name, dataset, fn, default, doc[0] if doc else "")
+        return fn
+
+    return decorate
+
+
+def list_models(dataset: str | None = None) -> list[str]:
+    """Registered model names, optionally only those for `dataset`."""
+    return sorted(n for n, m in _REGISTRY.items() if dataset in (None, m.dataset))
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """The registry record of `name`; the error lists the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise NormcliError(
+            f"unknown model {name!r}; available: {', '.join(list_models())}"
+        ) from None
+
+
+def default_model(dataset: str) -> str:
+    """The default model name for `dataset`."""
+    for info in _REGISTRY.values():
+        if info.default and info.dataset == dataset:
+            return info.name
+    raise NormcliError(f"no default model for dataset {dataset!r}")
+
+
+def norm_channels(name: str) -> dict[str, int]:
+    """Channel count of every norm layer of model `name`, keyed by module path."""
+    builder = get_model_info(name).builder
+    with torch.device("meta"):  # structure only: no memory, no init cost
+        probe = builder(norm_layer=nn.BatchNorm2d)
+    return {n: m.num_features for n, m in probe.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def valid_groups(name: str) -> list[int]:
+    """Group counts that divide the channels of every norm layer of model `name`."""
+    channels = set(norm_channels(name).values())
+    top = min(channels) if channels else 1
+    return [g for g in range(1, top + 1) if all(c % g == 0 for c in channels)]
+
+
+def check_groups(name: str, groups: int) -> None:
+    """Refuse a group count that does not divide some norm layer's channels, naming it."""
+    for layer, channels in norm_channels(name).items():
+        if channels % groups:
+            valid = ", ".join(map(str, valid_groups(name)))
+            raise NormcliError(
+                f"--groups {groups} does not divide the {channels} channels of layer "
+                f"{layer!r} in {name}; valid group counts: {valid}"
+            )
+
+
+def build_model(
+    name: str,
+    *,
+    norm: str = "bn",
+    groups: int | None = None,
+    dropout: float | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Build registered model `name` with the given norm; None arguments keep the defaults."""
+    builder = get_model_info(name).builder
+    groups = check_norm(norm, groups)
+    if groups is not None:
+        check_groups(name, groups)
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise NormcliError(f"--dropout must be in [0, 1), got {dropout}")
+    kwargs = {"dropout": dropout, "num_classes": num_classes}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return builder(norm_layer=get_norm_layer(norm, groups), **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+
+
+class ConvBlock(nn.Sequential):
+    """conv (no bias) -> norm -> ReLU -> optional dropout."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        norm_layer: NormLayer,
+        *,
+        kernel_size: int = 3,
+        padding: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
+        layers: dict[str, nn.Module] = {
+            "conv": nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False),
+            "norm": norm_layer(cout),
+            "act": nn.ReLU(inplace=True),
+        }
+        if dropout:
+            layers["drop"] = nn.Dropout(dropout)
+        super().__init__(OrderedDict(layers))  # named paths: block.conv, block.norm, ...
+
+
+class Residual(nn.Module):
+    """x + F(x), with F two 3x3 ConvBlocks at constant width (ResNet's basic block)."""
+
+    def __init__(self, channels: int, norm_layer: NormLayer, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.block1 = ConvBlock(channels, channels, norm_layer, padding=1, dropout=dropout)
+        self.block2 = ConvBlock(channels, channels, norm_layer, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block2(self.block1(x))
+
+
+class Classifier(nn.Module):
+    """Feature extractor, then global average pooling and a linear layer."""
+
+    def __init__(self, features: nn.Sequential, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+# ---------------------------------------------------------------------------
+# The networks
+# ---------------------------------------------------------------------------
+
+
+@register("mnist_net", dataset="mnist", default=True)
+def mnist_net(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    """MNIST CNN, about 8.9k parameters: two 3x3 convs, max-pool, 1x1 squeeze, four 3x3 convs, GAP."""
+
+    def block(cin: int, cout: int, **kw: int) -> ConvBlock:
+        return ConvBlock(cin, cout, norm_layer, dropout=dropout, **kw)
+
+    features = nn.Sequential(
+        block(1, 8),  # 28 -> 26, receptive field 3
+        block(8, 16),  # 26 -> 24, RF 5
+        nn.MaxPool2d(2),  # 24 -> 12, RF 6
+        block(16, 8, kernel_size=1),  # squeeze channels before the next stage
+        block(8, 12),  # 12 -> 10, RF 10
+        block(12, 16),  # 10 -> 8, RF 14
+        block(16, 16),  # 8 -> 6, RF 18
+        ConvBlock(16, 16, norm_layer, padding=1),  # 6 -> 6, RF 22; no dropout before the head
+    )
+    return Classifier(features, 16, num_classes)
+
+
+@register("cifar_resnet", dataset="cifar10", default=True)
+def cifar_resnet(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    """CIFAR-10 residual CNN, about 45k parameters: 24-32-64 channels, one residual block."""
+    features = nn.Sequential(
+        ConvBlock(3, 24, norm_layer, padding=1),  # 32x32
+        nn.MaxPool2d(2),  # -> 16x16
+        ConvBlock(24, 32, norm_layer, padding=1, dropout=dropout),
+        Residual(32, norm_layer, dropout=dropout),
+        nn.MaxPool2d(2),  # -> 8x8
+        ConvBlock(32, 64, norm_layer, padding=1),
+        nn.MaxPool2d(2),  # -> 4x4
+    )
+    return Classifier(features, 64, num_classes)

@@ -1,0 +1,370 @@
+"""Training: config with per-dataset defaults, the loop, the L1 term, one-cycle schedule, history.
+
+The checkpoint is rewritten atomically after every epoch with what resuming
+needs (optimizer buffers, scheduler state, RNG states), so an interrupted run
+continues with `resume_training` to exactly the weights an uninterrupted run
+would have reached (on the CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normcli.checkpoint import (
+    Checkpoint,
+    CheckpointMeta,
+    check_writable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from normcli.data import DEFAULT_AUGMENT, Augment, batches, get_spec, load_split
+from normcli.errors import NormcliError
+from normcli.evaluate import evaluate
+from normcli.models import build_model, count_params, default_model, get_model_info
+from normcli.norms import check_norm
+
+CHECKPOINT_DIR = Path("checkpoints")
+
+# Defaults per dataset, chosen for the targets in the README's Results section.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist": {"epochs": 15, "lr": 0.05, "weight_decay": 0.0, "dropout": 0.0},
+    "cifar10": {"epochs": 20, "lr": 0.1, "weight_decay": 5e-4, "dropout": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a run's numbers; None means the dataset's default."""
+
+    dataset: str = "mnist"
+    model: str | None = None
+    norm: str = "bn"
+    groups: int | None = None
+    dropout: float | None = None
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float | None = None  # peak learning rate of the one-cycle schedule
+    momentum: float = 0.9  # SGD (Nesterov) momentum
+    weight_decay: float | None = None
+    l1: float = 0.0  # lambda of the L1 term: lambda * sum |w| over trainable parameters
+    seed: int = 1
+    augment: bool = True
+    limit: int | None = None  # train and test on the first N images only
+    channels_last: bool = True
+
+    def resolve(self) -> TrainConfig:
+        """Fill in dataset/model defaults and validate; the result is stored in checkpoints."""
+        spec = get_spec(self.dataset)
+        model = self.model or default_model(self.dataset)
+        info = get_model_info(model)
+        if info.dataset != spec.name:
+            raise NormcliError(f"model {model} is for {info.dataset}, not {spec.name}")
+        defaults = DATASET_DEFAULTS[spec.name]
+        filled = dataclasses.replace(
+            self,
+            model=model,
+            groups=check_norm(self.norm, self.groups),
+            **{k: v for k, v in defaults.items() if getattr(self, k) is None},
+        )
+        filled.validate()
+        return filled
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        for name, value in positive.items():
+            if value is None or value <= 0:
+                raise NormcliError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("l1", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise NormcliError(f"--{name.replace('_', '-')} must not be negative")
+        if self.limit is not None and self.limit <= 0:
+            raise NormcliError(f"--limit must be a positive number of images, got {self.limit}")
+        with torch.device("meta"):  # refuses bad groups/dropout before any data is read
+            build_model(self.model, norm=self.norm, groups=self.groups, dropout=self.dropout)
+
+    def default_path(self) -> Path:
+        """checkpoints/<dataset>_<model>_<norm>[-g<G>][_l1-<lambda>]_s<seed>.safetensors"""
+        norm = self.norm + (f"-g{self.groups}" if self.groups else "")
+        l1 = f"_l1-{self.l1:g}" if self.l1 else ""
+        return CHECKPOINT_DIR / f"{self.dataset}_{self.model}_{norm}{l1}_s{self.seed}.safetensors"
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of absolute values of all trainable parameters (the course's L1 term)."""
+    return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NormcliError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise NormcliError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI shows it as a rich progress bar on stderr."""
+
+    def start_epoch(self, epoch: int, epochs: int, num_batches: int) -> None: ...
+
+    def batch(self, done: int, loss: float, accuracy: float, images_per_s: float) -> None: ...
+
+    def end_epoch(self, row: dict[str, float]) -> None: ...
+
+
+class _Silent:
+    def start_epoch(self, epoch: int, epochs: int, num_batches: int) -> None:
+        pass
+
+    def batch(self, done: int, loss: float, accuracy: float, images_per_s: float) -> None:
+        pass
+
+    def end_epoch(self, row: dict[str, float]) -> None:
+        pass
+
+
+@dataclass
+class _State:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    generator: torch.Generator
+    history: list[dict[str, float]]
+
+
+def _make_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> _State:
+    torch.manual_seed(config.seed)  # weight init and dropout
+    model = build_model(config.model, norm=config.norm, groups=config.groups, dropout=config.dropout)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+        foreach=True,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=0.25,
+        div_factor=10.0,
+        final_div_factor=100.0,
+        cycle_momentum=False,
+    )
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    return _State(model, optimizer, scheduler, generator, [])
+
+
+def _resume_tensors(state: _State) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Optimizer/scheduler/RNG state as (JSON-able metadata, tensors)."""
+    opt = state.optimizer.state_dict()
+    tensors = {
+        f"optim.{i}.{name}": value
+        for i, buffers in opt["state"].items()
+        for name, value in buffers.items()
+        if isinstance(value, torch.Tensor)
+    }
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = state.generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {
+        "epoch": len(state.history),
+        "optimizer_param_groups": opt["param_groups"],
+        "scheduler": state.scheduler.state_dict(),
+    }
+    return meta, tensors
+
+
+def _restore(state: _State, ckpt: Checkpoint) -> None:
+    resume = ckpt.meta.resume
+    if not resume:
+        raise NormcliError(f"{ckpt.path}: holds no resume state")
+    try:
+        state.model.load_state_dict(ckpt.model.state_dict())
+        buffers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in ckpt.extra.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                buffers.setdefault(int(index), {})[name] = value
+        state.optimizer.load_state_dict(
+            {"state": buffers, "param_groups": resume["optimizer_param_groups"]}
+        )
+        state.scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(ckpt.extra["rng.torch"])
+        state.generator.set_state(ckpt.extra["rng.data"].to("cpu"))
+        if "rng.cuda" in ckpt.extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt.extra["rng.cuda"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise NormcliError(f"{ckpt.path}: resume state is unusable ({e})") from None
+    state.history = list(ckpt.meta.history)
+
+
+def _train_epoch(
+    state: _State,
+    config: TrainConfig,
+    train_split: Any,
+    augment: Augment | None,
+    reporter: Reporter,
+) -> tuple[float, float]:
+    """One pass over the training split; returns (mean loss, accuracy %)."""
+    spec = get_spec(config.dataset)
+    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
+    model.train()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    device = train_split.images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    num_batches = -(-len(train_split) // config.batch_size)
+    for i, (x, y) in enumerate(
+        batches(
+            train_split, spec, config.batch_size,
+            shuffle=True, augment=augment, generator=state.generator,
+        )  # fmt: skip
+    ):
+        logits = model(x.contiguous(memory_format=memory_format))
+        loss = F.cross_entropy(logits, y)
+        objective = loss + config.l1 * l1_penalty(model) if config.l1 else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulate on the device: no host sync per step.
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.shape[0]
+        if i % 20 == 19 or i == num_batches - 1:
+            elapsed = time.perf_counter() - start
+            reporter.batch(
+                i + 1, loss_sum.item() / seen, 100.0 * correct.item() / seen, seen / elapsed
+            )
+    return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    history: list[dict[str, float]]
+    params: int
+
+
+def train(
+    config: TrainConfig,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    resume_from: Checkpoint | None = None,
+) -> TrainResult:
+    """Train a model as `config` says and write its checkpoint after every epoch."""
+    config = config.resolve()
+    dev = resolve_device(device)
+    path = Path(out) if out is not None else config.default_path()
+    if resume_from is None:
+        if path.exists() and not overwrite:
+            raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
+        if out is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
+    reporter = reporter or _Silent()
+    spec = get_spec(config.dataset)
+
+    train_split = load_split(config.dataset, True, data_dir, limit=config.limit).to(dev)
+    test_split = load_split(config.dataset, False, data_dir, limit=config.limit).to(dev)
+    augment = DEFAULT_AUGMENT[config.dataset] if config.augment else None
+    steps = -(-len(train_split) // config.batch_size)
+    state = _make_state(config, steps, dev)
+    if resume_from is not None:
+        _restore(state, resume_from)
+
+    base_meta = CheckpointMeta(
+        model=config.model,
+        norm=config.norm,
+        groups=config.groups,
+        dropout=float(config.dropout),
+        dataset=config.dataset,
+        class_names=list(spec.class_names),
+        input_shape=list(spec.input_shape),
+        mean=list(spec.mean),
+        std=list(spec.std),
+        config=dataclasses.asdict(config),
+    )
+    for epoch in range(len(state.history), config.epochs):
+        reporter.start_epoch(epoch + 1, config.epochs, steps)
+        start = time.perf_counter()
+        try:
+            train_loss, train_acc = _train_epoch(state, config, train_split, augment, reporter)
+        except KeyboardInterrupt:
+            raise _interrupted(path, epoch) from None
+        seconds = time.perf_counter() - start
+        lr = state.scheduler.get_last_lr()[0]
+        test = evaluate(state.model, test_split, spec)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "test_loss": test.loss,
+            "test_accuracy": test.accuracy,
+            "lr": lr,
+            "seconds": seconds,
+            "images_per_second": len(train_split) / seconds,
+        }
+        state.history.append(row)
+        resume_meta, extra = _resume_tensors(state)
+        meta = dataclasses.replace(base_meta, history=list(state.history), resume=resume_meta)
+        try:
+            save_checkpoint(path, state.model, meta, extra)
+        except KeyboardInterrupt:
+            raise _interrupted(path, epoch) from None
+        reporter.end_epoch(row)
+    return TrainResult(path, state.history, count_params(state.model))
+
+
+def _interrupted(path: Path, epoch: int) -> NormcliError:
+    if epoch == 0:
+        return NormcliError("interrupted in epoch 1; nothing was saved", exit_code=130)
+    return NormcliError(
+        f"interrupted in epoch {epoch + 1}; epochs 1-{epoch} are saved in {path}; "
+        f"resume with: normcli train --resume {path}",
+        exit_code=130,
+    )
+
+
+def resume_training(
+    path: str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Continue the run saved in `path` to its configured epoch count, in place."""
+    ckpt = load_checkpoint(path)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        config = TrainConfig(**{k: v for k, v in ckpt.meta.config.items() if k in fields})
+    except TypeError as e:
+        raise NormcliError(f"{path}: training config is unusable ({e})") from None
+    return train(
+        config, data_dir=data_dir, device=device, out=path, reporter=reporter, resume_from=ckpt
+    )
