@@ -137,6 +137,316 @@ def train(
     print(result.path)
 
 
+class SortOrder(str, Enum):
+    index = "index"
+    confidence = "confidence"
+
+
+class Metric(str, Enum):
+    test_loss = "test_loss"
+    test_accuracy = "test_accuracy"
+    train_loss = "train_loss"
+    train_accuracy = "train_accuracy"
+    lr = "lr"
+
+
+class Format(str, Enum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing output files.")]
+EvalBatchOpt = Annotated[int, typer.Option(help="Images per forward pass.")]
+
+
+@app.command("eval")
+def eval_(
+    checkpoints: CkptsArg,
+    data_dir: DataDirOpt = None,
+    limit: LimitOpt = None,
+    batch_size: EvalBatchOpt = 1000,
+    device: DeviceOpt = Device.auto,
+    confusion: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the confusion matrix heatmap here (a folder for several).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table on stdout.")] = False,
+) -> None:
+    """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix."""
+    from normcli.checkpoint import load_checkpoint
+    from normcli.evaluate import report
+    from normcli.outputs import plan_outputs
+    from normcli.train import resolve_device
+
+    dev = resolve_device(device.value)
+    ckpts = [load_checkpoint(p) for p in checkpoints]  # every input checked before any work
+    if confusion is not None:
+        defaults = [c.path.with_name(f"{c.path.stem}_confusion.png") for c in ckpts]
+        confusion_paths = plan_outputs(confusion, defaults, overwrite)
+    reports = [report(c, data_dir, limit=limit, batch_size=batch_size, device=dev) for c in ckpts]
+    if confusion is not None:
+        from normcli.plots import confusion_figure, save_figure
+
+        for ckpt, rep, path in zip(ckpts, reports, confusion_paths, strict=True):
+            title = f"{rep.name}: {rep.label}, {rep.metrics.accuracy:.2f}% on {rep.dataset}"
+            save_figure(confusion_figure(rep.metrics.confusion, ckpt.meta.class_names, title), path)
+            print(path)
+    if json_:
+        _print_json([r.to_dict() for r in reports])
+    elif markdown:
+        print(markdown_table(reports))
+    elif len(reports) == 1:
+        _show_one(reports[0], ckpts[0].meta.class_names)
+    else:
+        _show_comparison(reports)
+
+
+def markdown_table(reports: list[Any]) -> str:
+    """The comparison table in Markdown (for READMEs and bench/results)."""
+    lines = [
+        "| run | norm | params | epochs | best test acc (%) | final test acc (%) "
+        "| eval acc (%) | wrong | test loss | s/epoch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in reports:
+        spe = f"{r.seconds_per_epoch:.1f}" if r.seconds_per_epoch is not None else "-"
+        lines.append(
+            f"| {r.name} | {r.label} | {r.params:,} | {r.epochs} | {_pct(r.best_accuracy)} "
+            f"| {_pct(r.final_accuracy)} | {r.metrics.accuracy:.2f} | {r.metrics.wrong} "
+            f"| {r.metrics.loss:.4f} | {spe} |"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _show_one(rep: Any, class_names: list[str]) -> None:
+    from normcli.console import print_table, stdout
+
+    m = rep.metrics
+    stdout.print(
+        f"[bold]{rep.name}[/]  {rep.model}, {rep.label}, {rep.params:,} params, {rep.dataset}\n"
+        f"test loss {m.loss:.4f}  test accuracy {m.accuracy:.2f}%  "
+        f"({m.correct}/{m.total})  Total incorrect predictions: {m.wrong}",
+        soft_wrap=True,
+    )
+    print_table(
+        "Per-class accuracy",
+        ["class", "images", "accuracy (%)"],
+        [
+            (c, sum(row), acc)
+            for c, row, acc in zip(class_names, m.confusion, m.per_class_accuracy, strict=True)
+        ],
+    )
+    print_table(
+        "Confusion matrix (rows: true, columns: predicted)",
+        ["true \\ pred", *class_names],
+        [(c, *row) for c, row in zip(class_names, m.confusion, strict=True)],
+    )
+
+
+def _show_comparison(reports: list[Any]) -> None:
+    from normcli.console import print_table
+    from normcli.norms import format_lambda
+
+    print_table(
+        "Comparison",
+        ["run", "norm", "groups", "l1", "params", "best acc (%)", "final acc (%)",
+         "eval acc (%)", "wrong"],
+        [
+            (r.name, r.norm, r.groups, format_lambda(r.l1) if r.l1 else "-", r.params, r.best_accuracy, r.final_accuracy,
+             r.metrics.accuracy, r.metrics.wrong)
+            for r in reports
+        ],
+    )  # fmt: skip
+
+
+@app.command()
+def misclassified(
+    checkpoints: CkptsArg,
+    n: Annotated[int, typer.Option("--n", help="How many misclassified images.")] = 10,
+    sort: Annotated[
+        SortOrder,
+        typer.Option(help="index: first in test order; confidence: most confidently wrong."),
+    ] = SortOrder.index,
+    cols: Annotated[int, typer.Option(help="Grid columns.")] = 5,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Grid image path (a folder for several checkpoints). "
+            "Default: <checkpoint>_misclassified.png beside it.",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    data_dir: DataDirOpt = None,
+    limit: LimitOpt = None,
+    batch_size: EvalBatchOpt = 1000,
+    device: DeviceOpt = Device.auto,
+    json_: JsonOpt = False,
+) -> None:
+    """Write one annotated grid of misclassified test images per checkpoint."""
+    from normcli.checkpoint import load_checkpoint
+    from normcli.evaluate import load_test_split
+    from normcli.outputs import plan_outputs
+    from normcli.plots import write_misclassified_grid
+    from normcli.train import resolve_device
+
+    if n <= 0:
+        raise NormcliError(f"--n must be a positive number of images, got {n}")
+    if cols <= 0:
+        raise NormcliError(f"--cols must be positive, got {cols}")
+    dev = resolve_device(device.value)
+    ckpts = [load_checkpoint(p) for p in checkpoints]
+    defaults = [c.path.with_name(f"{c.path.stem}_misclassified.png") for c in ckpts]
+    paths = plan_outputs(out, defaults, overwrite)
+    docs = []
+    for ckpt, path in zip(ckpts, paths, strict=True):
+        split = load_test_split(ckpt, data_dir, limit, dev)
+        mistakes = write_misclassified_grid(
+            ckpt, split, path, n=n, sort=sort.value, cols=cols, batch_size=batch_size
+        )
+        if len(mistakes) < n:
+            stderr.print(
+                f"{ckpt.path}: only {len(mistakes)} of {len(split)} test images are "
+                f"misclassified (asked for {n}); showing those",
+                highlight=False,
+            )
+        names = ckpt.meta.class_names
+        docs.append({
+            "checkpoint": str(ckpt.path),
+            "output": str(path),
+            "misclassified": [
+                {"index": m.index, "true": names[m.true], "predicted": names[m.predicted],
+                 "probability": m.probability}
+                for m in mistakes
+            ],
+        })  # fmt: skip
+        if not json_:
+            print(path)
+    if json_:
+        _print_json(docs)
+
+
+@app.command()
+def plot(
+    checkpoints: CkptsArg,
+    metric: Annotated[
+        list[Metric] | None,
+        typer.Option(
+            help="One figure per metric (repeatable). Default: a 2x2 figure of "
+            "test/train loss/accuracy.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Figure path (a folder for several figures). "
+            "Default: beside the first checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format", help="Image format. Default: from --out, else png.", show_default=False
+        ),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Figure title.", show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Training curves of several runs on the same axes, from their stored histories."""
+    from normcli.checkpoint import read_metadata
+    from normcli.outputs import plan_outputs
+    from normcli.plots import DEFAULT_GRID, curves_figure, default_title, run_labels, save_figure
+
+    metas = [read_metadata(p) for p in checkpoints]
+    suffix = fmt.value if fmt else (out.suffix.lstrip(".") if out and out.suffix else "png")
+    if suffix not in Format.__members__:
+        raise NormcliError(f"--out {out}: unknown image format {suffix!r}; use png, svg or pdf")
+    figures = [[m.value] for m in metric] if metric else [list(DEFAULT_GRID)]
+    defaults = [
+        checkpoints[0].parent / f"{'curves' if len(f) > 1 else f[0]}.{suffix}" for f in figures
+    ]
+    paths = plan_outputs(out, defaults, overwrite)
+    runs = [
+        (label, m.history) for label, m in zip(run_labels(metas, checkpoints), metas, strict=True)
+    ]
+    heading = title or default_title(metas)
+    for metrics, path in zip(figures, paths, strict=True):
+        save_figure(curves_figure(runs, metrics, heading), path, suffix)
+        print(path)
+
+
+@app.command()
+def summary(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint to summarize.", show_default=False)
+    ] = None,
+    model: ModelOpt = None,
+    norm: NormOpt = Norm.bn,
+    groups: GroupsOpt = None,
+    compare: Annotated[bool, typer.Option(help="Parameters of the model for every norm.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the model registry.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """torchinfo layer table of a model (from a checkpoint or the registry), or the registry."""
+    from normcli.checkpoint import load_checkpoint
+    from normcli.console import print_table
+    from normcli.models import build_model
+    from normcli.summary import layer_summary, params_per_norm, registry_table
+
+    if list_:
+        rows = registry_table()
+        if json_:
+            _print_json(rows)
+            return
+        print_table(
+            "Model registry (parameters per norm)",
+            ["model", "dataset", "default", *[f"params {n}" for n in rows[0]["params"]],
+             "valid groups"],
+            [(r["name"], r["dataset"], "yes" if r["default"] else "", *r["params"].values(),
+              " ".join(map(str, r["valid_groups"]))) for r in rows],
+        )  # fmt: skip
+        return
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        name, norm_name, group_count, net = (
+            ckpt.meta.model,
+            ckpt.meta.norm,
+            ckpt.meta.groups,
+            ckpt.model,
+        )
+    elif model is not None:
+        name, norm_name, group_count = model, norm.value, groups
+        net = build_model(name, norm=norm_name, groups=group_count)
+    else:
+        raise NormcliError("give a checkpoint, --model NAME, or --list")
+    if compare:
+        counts = params_per_norm(name, group_count if norm_name == "gn" else None)
+        if json_:
+            _print_json({"model": name, "params": counts})
+        else:
+            print_table(
+                f"{name}: trainable parameters per norm", ["norm", "params"], list(counts.items())
+            )
+        return
+    result = layer_summary(net, name, norm_name, group_count)
+    if json_:
+        _print_json(result.to_dict())
+    else:
+        print(result.table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and maps every error to one stderr line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -17,6 +17,7 @@ from rich.progress import (
 from rich.table import Table
 
 stderr = Console(stderr=True)
+stdout = Console()
 
 
 class ProgressReporter:
@@ -66,16 +67,16 @@ class ProgressReporter:
 
 
 def print_table(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], console: Console = stderr
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], console: Console = stdout
 ) -> None:
-    """A rich table; numbers right-aligned."""
+    """A rich table (on stdout: it is the command's result); numbers right-aligned."""
     table = Table(title=title, title_justify="left")
     for i, name in enumerate(columns):
         numeric = bool(rows) and isinstance(rows[0][i], (int, float))
         table.add_column(name, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
-    console.print(table)
+    console.print(table, width=max(console.width, 120))
 
 
 def _fmt(value: Any) -> str:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normcli.data import DatasetSpec, Split, batches
+from normcli.checkpoint import Checkpoint
+from normcli.data import DatasetSpec, Split, batches, get_spec, load_split
+from normcli.errors import NormcliError
+from normcli.models import count_params
+from normcli.norms import norm_label
 
 EVAL_BATCH_SIZE = 1000
 
@@ -95,7 +101,7 @@ class Mistake:
 def find_misclassified(
     logits: torch.Tensor, labels: torch.Tensor, n: int, sort: str = "index"
 ) -> list[Mistake]:
-    """The first `n` misclassified images, or the `n` most confidently wrong (`sort='confidence'`)."""
+    """The first `n` misclassified images, or the `n` most confidently wrong (sort=confidence)."""
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
     labels = labels.cpu()
@@ -103,6 +109,74 @@ def find_misclassified(
     if sort == "confidence":
         wrong = wrong[conf[wrong].argsort(descending=True, stable=True)]
     wrong = wrong[:n]
-    return [
-        Mistake(int(i), int(labels[i]), int(pred[i]), float(conf[i])) for i in wrong.tolist()
-    ]
+    return [Mistake(int(i), int(labels[i]), int(pred[i]), float(conf[i])) for i in wrong.tolist()]
+
+
+@dataclass
+class CheckpointReport:
+    """A checkpoint's description, history highlights and fresh evaluation."""
+
+    name: str
+    path: str
+    model: str
+    dataset: str
+    norm: str
+    groups: int | None
+    l1: float
+    label: str
+    params: int
+    epochs: int
+    best_accuracy: float | None  # best test accuracy in the history, percent
+    final_accuracy: float | None  # last epoch's test accuracy in the history
+    seconds_per_epoch: float | None  # mean training seconds per epoch in the history
+    metrics: Metrics
+
+    def to_dict(self) -> dict:
+        doc = dataclasses.asdict(self)
+        doc["metrics"]["wrong"] = self.metrics.wrong
+        return doc
+
+
+def load_test_split(
+    ckpt: Checkpoint,
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Split:
+    """The test split of a checkpoint's dataset, on `device`."""
+    return load_split(ckpt.meta.dataset, False, data_dir, limit=limit).to(device)
+
+
+def report(
+    ckpt: Checkpoint,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: torch.device | str = "cpu",
+) -> CheckpointReport:
+    """Evaluate a loaded checkpoint on its dataset's test split and describe it."""
+    if batch_size <= 0:
+        raise NormcliError(f"--batch-size must be positive, got {batch_size}")
+    meta = ckpt.meta
+    spec = get_spec(meta.dataset)
+    split = load_test_split(ckpt, data_dir, limit, device)
+    result = evaluate(ckpt.model.to(device), split, spec, batch_size)
+    accs = [row["test_accuracy"] for row in meta.history]
+    secs = [row["seconds"] for row in meta.history if "seconds" in row]
+    return CheckpointReport(
+        name=ckpt.path.stem,
+        path=str(ckpt.path),
+        model=meta.model,
+        dataset=meta.dataset,
+        norm=meta.norm,
+        groups=meta.groups,
+        l1=meta.l1,
+        label=norm_label(meta.norm, meta.groups, meta.l1),
+        params=count_params(ckpt.model),
+        epochs=len(meta.history),
+        best_accuracy=max(accs) if accs else None,
+        final_accuracy=accs[-1] if accs else None,
+        seconds_per_epoch=sum(secs) / len(secs) if secs else None,
+        metrics=result,
+    )

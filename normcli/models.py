@@ -183,7 +183,7 @@ class Classifier(nn.Module):
 
 @register("mnist_net", dataset="mnist", default=True)
 def mnist_net(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
-    """MNIST CNN, about 8.9k parameters: two 3x3 convs, max-pool, 1x1 squeeze, four 3x3 convs, GAP."""
+    """MNIST CNN, 8.9k parameters: two 3x3 convs, max-pool, 1x1 squeeze, four 3x3 convs, GAP."""
 
     def block(cin: int, cout: int, **kw: int) -> ConvBlock:
         return ConvBlock(cin, cout, norm_layer, dropout=dropout, **kw)
@@ -202,7 +202,9 @@ def mnist_net(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 
 
 
 @register("cifar_resnet", dataset="cifar10", default=True)
-def cifar_resnet(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+def cifar_resnet(
+    *, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0
+) -> nn.Module:
     """CIFAR-10 residual CNN, about 45k parameters: 24-32-64 channels, one residual block."""
     features = nn.Sequential(
         ConvBlock(3, 24, norm_layer, padding=1),  # 32x32

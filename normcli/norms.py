@@ -70,5 +70,12 @@ def norm_label(norm: str, groups: int | None = None, l1: float = 0.0) -> str:
     if norm == "gn" and groups is not None:
         label += f" (G={groups})"
     if l1:
-        label += f" + L1 ({l1:g})"
+        label += f" + L1 ({format_lambda(l1)})"
     return label
+
+
+def format_lambda(value: float) -> str:
+    """Compact scientific form for small coefficients: 1e-4, 2.5e-5."""
+    mantissa, exponent = f"{value:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"

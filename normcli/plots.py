@@ -1,0 +1,164 @@
+"""Matplotlib figures: training curves, misclassified-image grids, confusion heatmaps.
+
+Figures are built with `matplotlib.figure.Figure` (no pyplot, no global state)
+and saved atomically. Import this module lazily: matplotlib is slow to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from normcli.checkpoint import Checkpoint, CheckpointMeta, atomic_write
+from normcli.data import Split, denormalize, get_spec, normalize
+from normcli.evaluate import EVAL_BATCH_SIZE, Mistake, find_misclassified, predict
+from normcli.norms import norm_label
+
+# history key -> (axis label with unit, title)
+METRICS: dict[str, tuple[str, str]] = {
+    "test_loss": ("loss (cross-entropy)", "Test loss"),
+    "test_accuracy": ("accuracy (%)", "Test accuracy"),
+    "train_loss": ("loss (cross-entropy)", "Train loss"),
+    "train_accuracy": ("accuracy (%)", "Train accuracy"),
+    "lr": ("learning rate", "Learning rate"),
+}
+DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
+DPI = 100
+CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.6  # inches, for misclassified grids
+
+
+def save_figure(fig: Figure, path: Path, fmt: str | None = None) -> Path:
+    """Save atomically in `fmt` (default: the path's suffix)."""
+    fmt = fmt or path.suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI))
+    return path
+
+
+def curves_figure(
+    runs: Sequence[tuple[str, list[dict[str, float]]]],
+    metrics: Sequence[str] = DEFAULT_GRID,
+    title: str | None = None,
+) -> Figure:
+    """One axes per metric (2 x 2 for four), every run's history on the same axes."""
+    n = len(metrics)
+    rows, cols = (2, 2) if n == 4 else (1, n)
+    fig = Figure(figsize=(6.4 * cols, 4.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax, metric in zip(axes, metrics, strict=True):
+        ylabel, name = METRICS[metric]
+        for label, history in runs:
+            epochs = [int(row["epoch"]) for row in history]
+            ax.plot(epochs, [row[metric] for row in history], marker="o", ms=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def misclassified_figure(
+    images: torch.Tensor,
+    mistakes: Sequence[Mistake],
+    class_names: Sequence[str],
+    cols: int,
+    title: str,
+) -> Figure:
+    """A grid with one titled cell per mistake; images are [0, 1] floats (N, C, H, W).
+
+    Size in pixels at DPI 100: width cols * 160, height rows * 190 + 60.
+    """
+    rows = max(1, -(-len(mistakes) // cols))
+    fig = Figure(figsize=(cols * CELL_WIDTH, rows * CELL_HEIGHT + TITLE_HEIGHT))
+    top = 1 - TITLE_HEIGHT / (rows * CELL_HEIGHT + TITLE_HEIGHT)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=top, wspace=0.1, hspace=0.45)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, m in zip(axes, images, mistakes, strict=False):
+        if image.shape[0] == 1:
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(
+            f"#{m.index}\ntrue: {class_names[m.true]}\npred: {class_names[m.predicted]} "
+            f"({m.probability:.2f})",
+            fontsize=8,
+        )
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def confusion_figure(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str
+) -> Figure:
+    """Heatmap of confusion[true][predicted] with counts in the cells."""
+    k = len(class_names)
+    fig = Figure(figsize=(1.0 + 0.6 * k, 0.8 + 0.55 * k), layout="constrained")
+    ax = fig.subplots()
+    matrix = torch.tensor(confusion, dtype=torch.float)
+    im = ax.imshow(matrix.numpy(), cmap="Blues")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="images")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    threshold = matrix.max().item() / 2
+    for i in range(k):
+        for j in range(k):
+            value = int(matrix[i, j])
+            color = "white" if value > threshold else "black"
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(title)
+    return fig
+
+
+def run_labels(metas: Sequence[CheckpointMeta], paths: Sequence[Path]) -> list[str]:
+    """Legend labels from metadata ('BN + L1 (1e-4)', 'GN (G=2)', 'LN'); file stem if ambiguous."""
+    labels = [norm_label(m.norm, m.groups, m.l1) for m in metas]
+    return [
+        f"{label} [{p.stem}]" if labels.count(label) > 1 else label
+        for label, p in zip(labels, paths, strict=True)
+    ]
+
+
+def default_title(metas: Sequence[CheckpointMeta]) -> str:
+    """'MNIST (mnist_net)' from the runs' datasets and models."""
+    datasets = sorted({m.dataset.upper() for m in metas})
+    models = sorted({m.model for m in metas})
+    return f"{', '.join(datasets)} ({', '.join(models)})"
+
+
+def write_misclassified_grid(
+    ckpt: Checkpoint,
+    split: Split,
+    path: Path,
+    *,
+    n: int = 10,
+    sort: str = "index",
+    cols: int = 5,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> list[Mistake]:
+    """Find misclassified test images and save them as one annotated grid; returns them."""
+    meta, spec = ckpt.meta, get_spec(ckpt.meta.dataset)
+    device = split.images.device
+    logits = predict(ckpt.model.to(device), split, spec, batch_size)
+    mistakes = find_misclassified(logits, split.labels, n, sort)
+    index = torch.tensor([m.index for m in mistakes], dtype=torch.long)
+    # De-normalize the normalized input: the cells show exactly what the model saw.
+    images = denormalize(normalize(split.images.cpu()[index], spec), spec)
+    which = "first" if sort == "index" else "most confidently"
+    title = (
+        f"{meta.model} · {norm_label(meta.norm, meta.groups, meta.l1)} · "
+        f"{meta.dataset.upper()}: {which} misclassified test images"
+    )
+    fig = misclassified_figure(images, mistakes, meta.class_names, min(cols, n), title)
+    save_figure(fig, path)
+    return mistakes

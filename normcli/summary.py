@@ -1,0 +1,86 @@
+"""Model summaries: torchinfo's layer table, parameters per norm, the registry listing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torchinfo
+from torch import nn
+
+from normcli.data import get_spec
+from normcli.models import build_model, count_params, get_model_info, list_models, valid_groups
+from normcli.norms import NORMS
+
+COLUMNS = ("output_size", "num_params", "mult_adds")
+
+
+@dataclass
+class LayerSummary:
+    """torchinfo's statistics for one model, plus the facts that name it."""
+
+    model: str
+    norm: str
+    groups: int | None
+    input_shape: tuple[int, ...]
+    stats: torchinfo.ModelStatistics
+
+    @property
+    def table(self) -> str:
+        return str(self.stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "norm": self.norm,
+            "groups": self.groups,
+            "input_shape": list(self.input_shape),
+            "total_params": self.stats.total_params,
+            "trainable_params": self.stats.trainable_params,
+            "mult_adds": self.stats.total_mult_adds,
+            "layers": [
+                {
+                    "name": layer.get_layer_name(show_var_name=True, show_depth=False),
+                    "depth": layer.depth,
+                    "output_shape": layer.output_size,
+                    "params": layer.num_params,
+                    "mult_adds": layer.macs,
+                }
+                for layer in self.stats.summary_list
+            ],
+        }
+
+
+def layer_summary(model: nn.Module, name: str, norm: str, groups: int | None) -> LayerSummary:
+    """torchinfo table of `model` (registry name `name`) on one image of its dataset's shape."""
+    shape = (1, *get_spec(get_model_info(name).dataset).input_shape)
+    stats = torchinfo.summary(
+        model, input_size=shape, col_names=COLUMNS, depth=3, verbose=0, device="cpu"
+    )
+    return LayerSummary(name, norm, groups, shape, stats)
+
+
+def params_per_norm(name: str, groups: int | None = None) -> dict[str, int]:
+    """Trainable parameter count of model `name` for every norm."""
+    return {
+        norm: count_params(build_model(name, norm=norm, groups=groups if norm == "gn" else None))
+        for norm in NORMS
+    }
+
+
+def registry_table() -> list[dict[str, Any]]:
+    """One record per registered model: dataset, default flag, params per norm, valid groups."""
+    rows = []
+    for name in list_models():
+        info = get_model_info(name)
+        rows.append(
+            {
+                "name": name,
+                "dataset": info.dataset,
+                "default": info.default,
+                "params": params_per_norm(name),
+                "valid_groups": valid_groups(name),
+                "description": info.description,
+            }
+        )
+    return rows
