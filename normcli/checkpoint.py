@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from normcli import __version__
+from normcli.data import DATASETS
 from normcli.errors import NormcliError
 
 FORMAT_VERSION = 1
@@ -48,6 +49,11 @@ SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "created": (str, True),
     "resume": ((dict, type(None)), False),
 }
+# Every history row (one per epoch) holds at least these numbers.
+HISTORY_KEYS = (
+    "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+    "lr", "seconds", "images_per_second",
+)  # fmt: skip
 
 
 @dataclass
@@ -91,7 +97,7 @@ class CheckpointMeta:
                 continue
             try:
                 value = json.loads(raw[key])
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # malformed, too deeply nested, huge integers
                 raise NormcliError(f"{where}: metadata {key!r} is not valid JSON") from None
             if types is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -103,7 +109,10 @@ class CheckpointMeta:
                 f"{where}: checkpoint format {values['format_version']} is newer than this "
                 f"normcli understands ({FORMAT_VERSION}); upgrade normcli"
             )
+        if values["format_version"] < 1:
+            raise NormcliError(f"{where}: unknown checkpoint format {values['format_version']}")
         _check_lists(values, where)
+        _check_dataset(values, where)
         return cls(**values)
 
 
@@ -122,8 +131,30 @@ def _check_lists(values: dict[str, Any], where: str) -> None:
         if not good:
             raise NormcliError(f"{where}: metadata {key!r} has the wrong type")
     for row in values["history"]:
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()):
+        numbers = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in row.values()
+        )
+        if not numbers or not all(k in row for k in HISTORY_KEYS):
             raise NormcliError(f"{where}: metadata 'history' has the wrong type")
+
+
+def _check_dataset(values: dict[str, Any], where: str) -> None:
+    """The dataset facts must be the ones normcli knows: they shape inputs and outputs."""
+    spec = DATASETS.get(values["dataset"])
+    if spec is None:
+        raise NormcliError(
+            f"{where}: unknown dataset {values['dataset']!r}; available: {', '.join(DATASETS)}"
+        )
+    checks = {
+        "class_names": len(values["class_names"]) == spec.num_classes,
+        "input_shape": tuple(values["input_shape"]) == spec.input_shape,
+        "mean": len(values["mean"]) == spec.input_shape[0],
+        "std": len(values["std"]) == spec.input_shape[0],
+    }
+    for key, good in checks.items():
+        if not good:
+            raise NormcliError(f"{where}: metadata {key!r} does not fit dataset {spec.name}")
 
 
 @dataclass
@@ -156,10 +187,15 @@ def _check_header(path: Path) -> None:
         raise NormcliError(f"{path}: not a safetensors file (bad header)")
 
 
-def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
+def read_file(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
     """Raw metadata and tensors of a safetensors file, with clean errors."""
     path = Path(path)
-    _check_header(path)
+    try:
+        _check_header(path)
+    except (OSError, ValueError) as e:  # unreadable, or a name the OS refuses
+        raise NormcliError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata()
@@ -183,27 +219,33 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     path = Path(path)
     raw, tensors = read_file(path)
     meta = CheckpointMeta.from_strings(raw, str(path))
-    model = build_model(
-        meta.model,
-        norm=meta.norm,
-        groups=meta.groups,
-        dropout=meta.dropout,
-        num_classes=len(meta.class_names),
-    )
+    try:
+        model = build_model(
+            meta.model,
+            norm=meta.norm,
+            groups=meta.groups,
+            dropout=meta.dropout,
+            num_classes=len(meta.class_names),
+        )
+    except NormcliError as e:  # say which file holds the bad model description
+        raise NormcliError(f"{path}: {e}") from None
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise NormcliError(
-            f"{path}: tensors do not match model {meta.model} ({'missing' if missing else 'unexpected'} {name!r})"
-        )
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise NormcliError(f"{path}: tensors do not match model {meta.model} ({what})")
     for key, value in state.items():
-        if value.shape != expected[key].shape or value.dtype != expected[key].dtype:
+        if value.shape != expected[key].shape:
             raise NormcliError(
                 f"{path}: tensor {key!r} has shape {tuple(value.shape)}, "
                 f"model {meta.model} needs {tuple(expected[key].shape)}"
+            )
+        if value.dtype != expected[key].dtype:
+            raise NormcliError(
+                f"{path}: tensor {key!r} has dtype {value.dtype}, "
+                f"model {meta.model} needs {expected[key].dtype}"
             )
     model.load_state_dict(state)
     model.to(device).eval()
@@ -220,18 +262,28 @@ def check_writable(path: Path) -> None:
         raise NormcliError(f"{path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise NormcliError(f"{path}: folder {parent} is not writable")
+    try:  # os.access says yes to root even on read-only file systems: ask the folder itself
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise NormcliError(f"{path}: folder {parent} is not writable ({e.strerror or e})") from None
 
 
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` then rename over `path`: readers never see a partial file."""
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise NormcliError(f"{path}: cannot write ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, read-only file system, ...
+            raise NormcliError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
 
 

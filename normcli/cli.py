@@ -79,8 +79,16 @@ def _root(
         raise typer.Exit()
 
 
+# Options that decide a run; with --resume they come from the checkpoint instead.
+_RUN_OPTIONS = (
+    "dataset", "norm", "groups", "model", "l1", "epochs", "batch_size", "lr", "momentum",
+    "weight_decay", "dropout", "seed", "augment", "limit", "out", "overwrite",
+)  # fmt: skip
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     dataset: Annotated[Dataset, typer.Option(help="Dataset to train on.")] = Dataset.mnist,
     norm: NormOpt = Norm.bn,
     groups: GroupsOpt = None,
@@ -110,6 +118,16 @@ def train(
     from normcli.train import TrainConfig, resume_training
     from normcli.train import train as run_training
 
+    if resume is not None:
+        given = [
+            "--" + name.replace("_", "-")
+            for name in _RUN_OPTIONS
+            if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+        ]
+        if given:
+            raise NormcliError(
+                f"--resume takes its settings from the checkpoint; drop {', '.join(given)}"
+            )
     with ProgressReporter() as reporter:
         if resume is not None:
             result = resume_training(
@@ -180,6 +198,7 @@ def eval_(
 ) -> None:
     """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix."""
     from normcli.checkpoint import load_checkpoint
+    from normcli.console import markdown_table, show_comparison, show_report
     from normcli.evaluate import report
     from normcli.outputs import plan_outputs
     from normcli.train import resolve_device
@@ -202,71 +221,9 @@ def eval_(
     elif markdown:
         print(markdown_table(reports))
     elif len(reports) == 1:
-        _show_one(reports[0], ckpts[0].meta.class_names)
+        show_report(reports[0], ckpts[0].meta.class_names)
     else:
-        _show_comparison(reports)
-
-
-def markdown_table(reports: list[Any]) -> str:
-    """The comparison table in Markdown (for READMEs and bench/results)."""
-    lines = [
-        "| run | norm | params | epochs | best test acc (%) | final test acc (%) "
-        "| eval acc (%) | wrong | test loss | s/epoch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in reports:
-        spe = f"{r.seconds_per_epoch:.1f}" if r.seconds_per_epoch is not None else "-"
-        lines.append(
-            f"| {r.name} | {r.label} | {r.params:,} | {r.epochs} | {_pct(r.best_accuracy)} "
-            f"| {_pct(r.final_accuracy)} | {r.metrics.accuracy:.2f} | {r.metrics.wrong} "
-            f"| {r.metrics.loss:.4f} | {spe} |"
-        )
-    return "\n".join(lines)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _show_one(rep: Any, class_names: list[str]) -> None:
-    from normcli.console import print_table, stdout
-
-    m = rep.metrics
-    stdout.print(
-        f"[bold]{rep.name}[/]  {rep.model}, {rep.label}, {rep.params:,} params, {rep.dataset}\n"
-        f"test loss {m.loss:.4f}  test accuracy {m.accuracy:.2f}%  "
-        f"({m.correct}/{m.total})  Total incorrect predictions: {m.wrong}",
-        soft_wrap=True,
-    )
-    print_table(
-        "Per-class accuracy",
-        ["class", "images", "accuracy (%)"],
-        [
-            (c, sum(row), acc)
-            for c, row, acc in zip(class_names, m.confusion, m.per_class_accuracy, strict=True)
-        ],
-    )
-    print_table(
-        "Confusion matrix (rows: true, columns: predicted)",
-        ["true \\ pred", *class_names],
-        [(c, *row) for c, row in zip(class_names, m.confusion, strict=True)],
-    )
-
-
-def _show_comparison(reports: list[Any]) -> None:
-    from normcli.console import print_table
-    from normcli.norms import format_lambda
-
-    print_table(
-        "Comparison",
-        ["run", "norm", "groups", "l1", "params", "best acc (%)", "final acc (%)",
-         "eval acc (%)", "wrong"],
-        [
-            (r.name, r.norm, r.groups, format_lambda(r.l1) if r.l1 else "-", r.params, r.best_accuracy, r.final_accuracy,
-             r.metrics.accuracy, r.metrics.wrong)
-            for r in reports
-        ],
-    )  # fmt: skip
+        show_comparison(reports)
 
 
 @app.command()
@@ -460,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except typer.TyperException as e:  # usage errors: bad option, bad value, missing argument
-        _fail(" ".join(e.format_message().split()))
+        _fail(" ".join(e.format_message().replace("Value error, ", "").split()))
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted")

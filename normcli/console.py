@@ -16,6 +16,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from normcli.evaluate import CheckpointReport
+from normcli.norms import format_lambda
+
 stderr = Console(stderr=True)
 stdout = Console()
 
@@ -85,3 +88,60 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "-" if value is None else str(value)
+
+
+def markdown_table(reports: Sequence[CheckpointReport]) -> str:
+    """The comparison table in Markdown (for READMEs and bench/results)."""
+    lines = [
+        "| run | norm | params | epochs | best test acc (%) | final test acc (%) "
+        "| eval acc (%) | wrong | test loss | s/epoch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in reports:
+        spe = f"{r.seconds_per_epoch:.1f}" if r.seconds_per_epoch is not None else "-"
+        lines.append(
+            f"| {r.name} | {r.label} | {r.params:,} | {r.epochs} | {_pct(r.best_accuracy)} "
+            f"| {_pct(r.final_accuracy)} | {r.metrics.accuracy:.2f} | {r.metrics.wrong} "
+            f"| {r.metrics.loss:.4f} | {spe} |"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def show_report(rep: CheckpointReport, class_names: Sequence[str]) -> None:
+    """One checkpoint: headline numbers, per-class accuracy, confusion matrix."""
+    m = rep.metrics
+    stdout.print(
+        f"[bold]{rep.name}[/]  {rep.model}, {rep.label}, {rep.params:,} params, {rep.dataset}\n"
+        f"test loss {m.loss:.4f}  test accuracy {m.accuracy:.2f}%  "
+        f"({m.correct}/{m.total})  Total incorrect predictions: {m.wrong}",
+        soft_wrap=True,
+    )
+    print_table(
+        "Per-class accuracy",
+        ["class", "images", "accuracy (%)"],
+        [
+            (c, sum(row), acc)
+            for c, row, acc in zip(class_names, m.confusion, m.per_class_accuracy, strict=True)
+        ],
+    )
+    print_table(
+        "Confusion matrix (rows: true, columns: predicted)",
+        ["true \\ pred", *class_names],
+        [(c, *row) for c, row in zip(class_names, m.confusion, strict=True)],
+    )
+
+
+def show_comparison(reports: Sequence[CheckpointReport]) -> None:
+    """Several checkpoints: one row each."""
+    columns = ["run", "norm", "groups", "l1", "params", "best acc (%)", "final acc (%)",
+               "eval acc (%)", "wrong"]  # fmt: skip
+    rows = [
+        (r.name, r.norm, r.groups, format_lambda(r.l1) if r.l1 else "-", r.params,
+         r.best_accuracy, r.final_accuracy, r.metrics.accuracy, r.metrics.wrong)
+        for r in reports
+    ]  # fmt: skip
+    print_table("Comparison", columns, rows)

@@ -7,11 +7,14 @@ DataLoader workers: on a 2-core machine those cost more than the model).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
 import os
 import pickle
+import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +51,7 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        "mnist", (1, 28, 28), MNIST_CLASSES, (0.1307,), (0.3081,), 60_000, 10_000
-    ),
+    "mnist": DatasetSpec("mnist", (1, 28, 28), MNIST_CLASSES, (0.1307,), (0.3081,), 60_000, 10_000),
     "cifar10": DatasetSpec(
         "cifar10",
         (3, 32, 32),
@@ -68,9 +69,7 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise NormcliError(
-            f"unknown dataset {name!r}; available: {', '.join(DATASETS)}"
-        ) from None
+        raise NormcliError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}") from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -112,14 +111,37 @@ MNIST_FILES = {
 }
 
 
+# The largest official file is 47 MB (MNIST training images, unpacked): refuse far bigger
+# ones (or gzip bombs) before reading them into memory.
+MAX_DATA_FILE_BYTES = 256 * 1024**2
+
+
 def _read_bytes(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        try:
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        except (OSError, EOFError) as e:
-            raise NormcliError(f"{path}: not a valid gzip file ({e})") from None
-    return path.read_bytes()
+    """A data file's bytes (gunzipped for .gz); unreadable files are a clean error."""
+    try:
+        if path.suffix == ".gz":
+            try:
+                with gzip.open(path, "rb") as f:
+                    raw = f.read(MAX_DATA_FILE_BYTES + 1)
+            except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+                raise NormcliError(f"{path}: not a valid gzip file ({e})") from None
+        else:
+            size = path.stat().st_size
+            if size > MAX_DATA_FILE_BYTES:
+                raise NormcliError(f"{path}: {size} bytes, too large for a data file")
+            raw = path.read_bytes()
+    except OSError as e:
+        raise NormcliError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_DATA_FILE_BYTES:
+        raise NormcliError(f"{path}: unpacks to more than {MAX_DATA_FILE_BYTES} bytes")
+    return raw
+
+
+def _check_labels(labels: torch.Tensor, path: Path) -> None:
+    """Every label must be a class index 0-9."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        bad = int(labels.max()) if int(labels.max()) > 9 else int(labels.min())
+        raise NormcliError(f"{path}: label {bad} out of range 0-9")
 
 
 def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
@@ -164,8 +186,7 @@ def load_mnist(root: Path, train: bool) -> Split:
             f"{image_path}: {tuple(images.shape)} images do not match "
             f"{tuple(labels.shape)} labels in {label_path}"
         )
-    if labels.numel() and int(labels.max()) > 9:
-        raise NormcliError(f"{label_path}: label {int(labels.max())} out of range 0-9")
+    _check_labels(labels, label_path)
     return Split(images.unsqueeze(1).contiguous(), labels.long())
 
 
@@ -183,7 +204,7 @@ _CIFAR_TEST = ("test_batch",)
 def read_cifar_bin(path: str | os.PathLike[str]) -> Split:
     """Read one CIFAR-10 binary batch: records of 1 label byte + 3072 pixel bytes."""
     path = Path(path)
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
         raise NormcliError(
             f"{path}: wrong size, {len(raw)} bytes is not a whole number of "
@@ -191,8 +212,7 @@ def read_cifar_bin(path: str | os.PathLike[str]) -> Split:
         )
     records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, _CIFAR_RECORD)
     labels = records[:, 0].long()
-    if int(labels.max()) > 9:
-        raise NormcliError(f"{path}: label {int(labels.max())} out of range 0-9")
+    _check_labels(labels, path)
     images = records[:, 1:].reshape(-1, 3, 32, 32).contiguous()
     return Split(images, labels)
 
@@ -203,6 +223,8 @@ class _CifarBatchUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
@@ -215,7 +237,7 @@ class _CifarBatchUnpickler(pickle.Unpickler):
 
 def unpickle_cifar_batch(path: Path) -> dict:
     """The one place normcli unpickles: an official CIFAR-10 python batch, restricted globals."""
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     try:
         return _CifarBatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # any malformed pickle is a data error, not a crash
@@ -227,10 +249,13 @@ def read_cifar_py(path: str | os.PathLike[str]) -> Split:
     path = Path(path)
     batch = unpickle_cifar_batch(path)
     try:
-        data = torch.as_tensor(batch[b"data"], dtype=torch.uint8)
+        data = torch.as_tensor(batch[b"data"])
         labels = torch.as_tensor(batch[b"labels"], dtype=torch.long)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise NormcliError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    if data.dtype != torch.uint8:
+        raise NormcliError(f"{path}: pixel data of type {data.dtype}, expected uint8")
+    _check_labels(labels, path)
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise NormcliError(f"{path}: unexpected CIFAR-10 batch shape {tuple(data.shape)}")
     return Split(data.reshape(-1, 3, 32, 32).contiguous(), labels)
@@ -251,21 +276,60 @@ def load_cifar10(root: Path, train: bool) -> Split:
 
 _LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10}
 _WHERE = {
-    "mnist": "{root}/MNIST/raw/ or {root}/ (train-images-idx3-ubyte[.gz] and the 3 other IDX files)",
+    "mnist": "{root}/MNIST/raw/ or {root}/ "
+    "(train-images-idx3-ubyte[.gz] and the 3 other IDX files)",
     "cifar10": "{root}/cifar-10-batches-bin/ (data_batch_1.bin ... test_batch.bin) "
     "or {root}/cifar-10-batches-py/",
 }
 
 
+# What torchvision's downloaders create under the data folder, per dataset.
+_DOWNLOAD_PATHS = {
+    "mnist": ("MNIST",),
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+}
+
+
 def download(name: str, root: Path) -> None:
-    """Fetch the official archives with torchvision's MD5-checked download utilities."""
+    """Fetch the official archives with torchvision's MD5-checked download utilities.
+
+    A failed download leaves nothing behind: folders and files it created are removed.
+    """
     from torchvision import datasets  # imported lazily: only needed when files are missing
 
-    root.mkdir(parents=True, exist_ok=True)
-    if name == "mnist":
-        datasets.MNIST(str(root), train=True, download=True)
-    else:
-        datasets.CIFAR10(str(root), train=True, download=True)
+    before = _existing(root, name)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # torchvision prints progress; stdout is data
+            root.mkdir(parents=True, exist_ok=True)
+            if name == "mnist":
+                datasets.MNIST(str(root), train=True, download=True)
+            else:
+                datasets.CIFAR10(str(root), train=True, download=True)
+    except BaseException:
+        _remove_new(_existing(root, name) - before)
+        raise
+
+
+def _existing(root: Path, name: str) -> set[Path]:
+    """The data folder, its ancestors, and everything under the paths a download writes."""
+    found = {p for p in (root, *root.parents) if p.exists()}
+    for top in _DOWNLOAD_PATHS[name]:
+        path = root / top
+        if path.exists() or path.is_symlink():
+            found.add(path)
+        if path.is_dir() and not path.is_symlink():
+            found.update(path.rglob("*"))
+    return found
+
+
+def _remove_new(paths: set[Path]) -> None:
+    """Delete what a failed download created, deepest paths first (files, then folders)."""
+    for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def load_split(
@@ -292,13 +356,16 @@ def load_split(
             ) from None
         try:
             download(name, root)
+            split = _LOADERS[name](root, train)
+        except NormcliError:
+            raise
         except Exception as e:  # offline, refused, bad checksum: all end the same way
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(e).__name__
             raise NormcliError(
                 f"{name} not found in {where}, and the download failed ({reason}); "
                 f"put the official files there or point --data-dir / ${DATA_ENV} at them"
             ) from None
-        split = _LOADERS[name](root, train)
     if tuple(split.images.shape[1:]) != spec.input_shape:
         raise NormcliError(f"{name}: images of shape {tuple(split.images.shape[1:])}")
     return split.head(limit)

@@ -9,8 +9,11 @@ would have reached (on the CPU, same seed).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,11 +84,14 @@ class TrainConfig:
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
         for name, value in positive.items():
-            if value is None or value <= 0:
+            if value is None or not math.isfinite(value) or value <= 0:
                 raise NormcliError(f"--{name.replace('_', '-')} must be positive, got {value}")
         for name in ("l1", "weight_decay", "momentum"):
-            if getattr(self, name) < 0:
-                raise NormcliError(f"--{name.replace('_', '-')} must not be negative")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise NormcliError(
+                    f"--{name.replace('_', '-')} must be a non-negative number, got {value}"
+                )
         if self.limit is not None and self.limit <= 0:
             raise NormcliError(f"--limit must be a positive number of images, got {self.limit}")
         with torch.device("meta"):  # refuses bad groups/dropout before any data is read
@@ -146,7 +152,9 @@ class _State:
 
 def _make_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> _State:
     torch.manual_seed(config.seed)  # weight init and dropout
-    model = build_model(config.model, norm=config.norm, groups=config.groups, dropout=config.dropout)
+    model = build_model(
+        config.model, norm=config.norm, groups=config.groups, dropout=config.dropout
+    )
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -193,10 +201,18 @@ def _resume_tensors(state: _State) -> tuple[dict[str, Any], dict[str, torch.Tens
     return meta, tensors
 
 
-def _restore(state: _State, ckpt: Checkpoint) -> None:
+# Scheduler / optimizer-group entries that change with every step; all others follow
+# from the config and the data size, and must match a freshly built run's.
+_SCHEDULER_STEP_KEYS = ("last_epoch", "_step_count", "_last_lr")
+_GROUP_STEP_KEYS = ("lr",)
+
+
+def _restore(state: _State, ckpt: Checkpoint, config: TrainConfig, steps: int) -> None:
+    """Load weights, optimizer, scheduler and RNG states, after checking they fit this run."""
     resume = ckpt.meta.resume
     if not resume:
         raise NormcliError(f"{ckpt.path}: holds no resume state")
+    scheduler, groups = _check_resume(state, ckpt, config, steps)
     try:
         state.model.load_state_dict(ckpt.model.state_dict())
         buffers: dict[int, dict[str, torch.Tensor]] = {}
@@ -204,17 +220,100 @@ def _restore(state: _State, ckpt: Checkpoint) -> None:
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 buffers.setdefault(int(index), {})[name] = value
-        state.optimizer.load_state_dict(
-            {"state": buffers, "param_groups": resume["optimizer_param_groups"]}
-        )
-        state.scheduler.load_state_dict(resume["scheduler"])
+        state.optimizer.load_state_dict({"state": buffers, "param_groups": groups})
+        state.scheduler.load_state_dict(scheduler)
         torch.set_rng_state(ckpt.extra["rng.torch"])
         state.generator.set_state(ckpt.extra["rng.data"].to("cpu"))
         if "rng.cuda" in ckpt.extra and torch.cuda.is_available():
             torch.cuda.set_rng_state(ckpt.extra["rng.cuda"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise NormcliError(f"{ckpt.path}: resume state is unusable ({e})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NormcliError(f"{ckpt.path}: resume state is unusable ({reason})") from None
     state.history = list(ckpt.meta.history)
+
+
+def _check_resume(
+    state: _State, ckpt: Checkpoint, config: TrainConfig, steps: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate the stored resume state against a fresh run of `config`.
+
+    Returns the scheduler state and optimizer param groups to load: the fresh
+    ones with the stored per-step values, so nothing unchecked reaches torch.
+    """
+    where, meta, resume = ckpt.path, ckpt.meta, ckpt.meta.resume or {}
+
+    def bad(what: str) -> NormcliError:
+        return NormcliError(f"{where}: resume state does not fit this run ({what})")
+
+    for key in ("model", "norm", "groups", "dataset"):
+        if getattr(meta, key) != getattr(config, key):
+            raise bad(f"{key} differs from the training config")
+    if meta.dropout != config.dropout:
+        raise bad("dropout differs from the training config")
+    epoch = len(meta.history)
+    if resume.get("epoch") != epoch or epoch > config.epochs:
+        raise bad(f"epoch {resume.get('epoch')!r} with {epoch} history rows")
+    if [row["epoch"] for row in meta.history] != list(range(1, epoch + 1)):
+        raise bad("history epochs are not 1, 2, ...")
+
+    fresh = _json_roundtrip(state.scheduler.state_dict())
+    saved = resume.get("scheduler")
+    if not isinstance(saved, dict):
+        raise bad("no scheduler state")
+    for key, value in fresh.items():
+        if key not in _SCHEDULER_STEP_KEYS and key in saved and saved[key] != value:
+            raise bad(f"scheduler {key} differs; same data and --limit as the first run?")
+    last_epoch, step_count, last_lr = (saved.get(k) for k in _SCHEDULER_STEP_KEYS)
+    if not _is_int(last_epoch) or last_epoch != epoch * steps or step_count != last_epoch + 1:
+        raise bad(f"scheduler step {last_epoch!r} after {epoch} epochs of {steps} steps")
+    if (
+        not isinstance(last_lr, list)
+        or len(last_lr) != len(fresh["_last_lr"])
+        or not all(_is_finite(v) for v in last_lr)
+    ):
+        raise bad("scheduler learning rates")
+    scheduler = {**fresh, "last_epoch": last_epoch, "_step_count": step_count, "_last_lr": last_lr}
+
+    fresh_groups = _json_roundtrip(state.optimizer.state_dict()["param_groups"])
+    saved_groups = resume.get("optimizer_param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(fresh_groups):
+        raise bad("optimizer param groups")
+    groups = []
+    for fresh_group, saved_group, lr in zip(fresh_groups, saved_groups, last_lr, strict=True):
+        if not isinstance(saved_group, dict) or saved_group.get("lr") != lr:
+            raise bad("optimizer learning rate")
+        for key, value in fresh_group.items():
+            if key not in _GROUP_STEP_KEYS and key in saved_group and saved_group[key] != value:
+                raise bad(f"optimizer {key} differs from the training config")
+        groups.append({**fresh_group, "lr": lr})
+
+    params = list(state.model.parameters())
+    for key, value in ckpt.extra.items():
+        if not key.startswith("optim."):
+            continue
+        _, index, name = (*key.split(".", 2), "", "")[:3]
+        i = int(index) if index.isascii() and index.isdigit() else -1
+        if name != "momentum_buffer" or not 0 <= i < len(params):
+            raise bad(f"unexpected tensor {key!r}")
+        if value.shape != params[i].shape or value.dtype != params[i].dtype:
+            raise bad(f"tensor {key!r} has shape {tuple(value.shape)}")
+    buffers = sum(k.startswith("optim.") for k in ckpt.extra)
+    if config.momentum and epoch and buffers != len(params):
+        raise bad(f"{buffers} momentum buffers for {len(params)} parameters")
+    return scheduler, groups
+
+
+def _json_roundtrip(value: Any) -> Any:
+    """`value` as it reads back from checkpoint metadata (tuples become lists, ...)."""
+    return json.loads(json.dumps(value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _train_epoch(
@@ -237,8 +336,12 @@ def _train_epoch(
     num_batches = -(-len(train_split) // config.batch_size)
     for i, (x, y) in enumerate(
         batches(
-            train_split, spec, config.batch_size,
-            shuffle=True, augment=augment, generator=state.generator,
+            train_split,
+            spec,
+            config.batch_size,
+            shuffle=True,
+            augment=augment,
+            generator=state.generator,
         )  # fmt: skip
     ):
         logits = model(x.contiguous(memory_format=memory_format))
@@ -281,72 +384,88 @@ def train(
     config = config.resolve()
     dev = resolve_device(device)
     path = Path(out) if out is not None else config.default_path()
-    if resume_from is None:
-        if path.exists() and not overwrite:
-            raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
-        if out is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(path)
+    if out is not None or path.parent.is_dir():  # the default folder is made after the data loads
+        check_writable(path)
+    if resume_from is None and path.exists() and not overwrite:
+        raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
     reporter = reporter or _Silent()
     spec = get_spec(config.dataset)
-
-    train_split = load_split(config.dataset, True, data_dir, limit=config.limit).to(dev)
-    test_split = load_split(config.dataset, False, data_dir, limit=config.limit).to(dev)
-    augment = DEFAULT_AUGMENT[config.dataset] if config.augment else None
-    steps = -(-len(train_split) // config.batch_size)
-    state = _make_state(config, steps, dev)
-    if resume_from is not None:
-        _restore(state, resume_from)
-
-    base_meta = CheckpointMeta(
-        model=config.model,
-        norm=config.norm,
-        groups=config.groups,
-        dropout=float(config.dropout),
-        dataset=config.dataset,
-        class_names=list(spec.class_names),
-        input_shape=list(spec.input_shape),
-        mean=list(spec.mean),
-        std=list(spec.std),
-        config=dataclasses.asdict(config),
-    )
-    for epoch in range(len(state.history), config.epochs):
-        reporter.start_epoch(epoch + 1, config.epochs, steps)
-        start = time.perf_counter()
-        try:
-            train_loss, train_acc = _train_epoch(state, config, train_split, augment, reporter)
-        except KeyboardInterrupt:
-            raise _interrupted(path, epoch) from None
-        seconds = time.perf_counter() - start
-        lr = state.scheduler.get_last_lr()[0]
-        test = evaluate(state.model, test_split, spec)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_accuracy": train_acc,
-            "test_loss": test.loss,
-            "test_accuracy": test.accuracy,
-            "lr": lr,
-            "seconds": seconds,
-            "images_per_second": len(train_split) / seconds,
-        }
-        state.history.append(row)
-        resume_meta, extra = _resume_tensors(state)
-        meta = dataclasses.replace(base_meta, history=list(state.history), resume=resume_meta)
-        try:
-            save_checkpoint(path, state.model, meta, extra)
-        except KeyboardInterrupt:
-            raise _interrupted(path, epoch) from None
-        reporter.end_epoch(row)
+    saved = len(resume_from.meta.history) if resume_from is not None else 0  # epochs in the file
+    try:
+        train_split = load_split(config.dataset, True, data_dir, limit=config.limit).to(dev)
+        test_split = load_split(config.dataset, False, data_dir, limit=config.limit).to(dev)
+        augment = DEFAULT_AUGMENT[config.dataset] if config.augment else None
+        steps = -(-len(train_split) // config.batch_size)
+        state = _make_state(config, steps, dev)
+        if resume_from is not None:
+            _restore(state, resume_from, config, steps)
+        if out is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(path)
+        base_meta = CheckpointMeta(
+            model=config.model,
+            norm=config.norm,
+            groups=config.groups,
+            dropout=float(config.dropout),
+            dataset=config.dataset,
+            class_names=list(spec.class_names),
+            input_shape=list(spec.input_shape),
+            mean=list(spec.mean),
+            std=list(spec.std),
+            config=dataclasses.asdict(config),
+        )
+        for epoch in range(len(state.history), config.epochs):
+            _run_epoch(state, config, epoch, steps, train_split, test_split, augment, reporter)
+            resume_meta, extra = _resume_tensors(state)
+            meta = dataclasses.replace(base_meta, history=list(state.history), resume=resume_meta)
+            save_checkpoint(path, state.model, meta, extra)  # atomic: the epoch is in, or not
+            saved = epoch + 1
+            reporter.end_epoch(state.history[-1])
+    except KeyboardInterrupt:
+        raise _interrupted(path, saved, config.epochs, data_dir) from None
     return TrainResult(path, state.history, count_params(state.model))
 
 
-def _interrupted(path: Path, epoch: int) -> NormcliError:
-    if epoch == 0:
-        return NormcliError("interrupted in epoch 1; nothing was saved", exit_code=130)
+def _run_epoch(
+    state: _State,
+    config: TrainConfig,
+    epoch: int,
+    steps: int,
+    train_split: Any,
+    test_split: Any,
+    augment: Augment | None,
+    reporter: Reporter,
+) -> None:
+    """Train one epoch, evaluate, and append the epoch's row to `state.history`."""
+    spec = get_spec(config.dataset)
+    reporter.start_epoch(epoch + 1, config.epochs, steps)
+    start = time.perf_counter()
+    train_loss, train_acc = _train_epoch(state, config, train_split, augment, reporter)
+    seconds = time.perf_counter() - start
+    lr = state.scheduler.get_last_lr()[0]
+    test = evaluate(state.model, test_split, spec)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        "test_loss": test.loss,
+        "test_accuracy": test.accuracy,
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_second": len(train_split) / seconds,
+    }
+    state.history.append(row)
+
+
+def _interrupted(
+    path: Path, saved: int, epochs: int, data_dir: str | os.PathLike[str] | None
+) -> NormcliError:
+    if saved == 0:
+        return NormcliError("interrupted during epoch 1; nothing was saved", exit_code=130)
+    data = f" --data-dir {data_dir}" if data_dir is not None else ""
     return NormcliError(
-        f"interrupted in epoch {epoch + 1}; epochs 1-{epoch} are saved in {path}; "
-        f"resume with: normcli train --resume {path}",
+        f"interrupted; epochs 1-{saved} of {epochs} are saved in {path}; "
+        f"resume with: normcli train --resume {path}{data}",
         exit_code=130,
     )
 
@@ -360,11 +479,38 @@ def resume_training(
 ) -> TrainResult:
     """Continue the run saved in `path` to its configured epoch count, in place."""
     ckpt = load_checkpoint(path)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    try:
-        config = TrainConfig(**{k: v for k, v in ckpt.meta.config.items() if k in fields})
-    except TypeError as e:
-        raise NormcliError(f"{path}: training config is unusable ({e})") from None
+    config = _config_from_meta(ckpt.meta.config, ckpt.path)
     return train(
         config, data_dir=data_dir, device=device, out=path, reporter=reporter, resume_from=ckpt
     )
+
+
+def _config_from_meta(raw: dict[str, Any], where: Path) -> TrainConfig:
+    """The TrainConfig stored in a checkpoint, every field present and of its declared type."""
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for name, hint in hints.items():
+        if name not in raw:
+            raise NormcliError(f"{where}: training config is incomplete, {name!r} missing")
+        if not _has_type(raw[name], hint):
+            raise NormcliError(f"{where}: training config {name!r} has the wrong type")
+        values[name] = raw[name]
+    try:
+        return TrainConfig(**values).resolve()
+    except NormcliError as e:
+        raise NormcliError(f"{where}: training config is invalid ({e})") from None
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """isinstance for the simple hints TrainConfig uses (int, float, str, bool, X | None)."""
+    for kind in typing.get_args(hint) or (hint,):
+        if value is None and kind is type(None):
+            return True
+        if isinstance(value, bool):
+            if kind is bool:
+                return True
+            continue
+        numeric = kind is float and isinstance(value, (int, float))
+        if numeric or (kind in (int, str) and isinstance(value, kind)):
+            return True
+    return False

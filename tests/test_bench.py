@@ -1,0 +1,67 @@
+"""bench/throughput.py runs end to end on tiny generated data; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "throughput.py"
+
+
+def run_bench(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NORMCLI_DATA"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One --quick run over both datasets: (the JSON report from stdout, the Markdown page)."""
+    page = tmp_path_factory.mktemp("bench") / "throughput.md"
+    result = run_bench(
+        "--quick", "--dataset", "mnist", "--dataset", "cifar10", "--json", "-", "--markdown", page
+    )
+    assert result.returncode == 0, result.stderr
+    assert "images/second" in result.stderr  # the table goes to stderr, stdout is JSON only
+    return json.loads(result.stdout), page.read_text()
+
+
+def test_quick_reports_both_pipelines_for_train_and_eval(quick_report: tuple[dict, str]) -> None:
+    report, _ = quick_report
+    assert report["settings"]["quick"] is True
+    assert [r["dataset"] for r in report["results"]] == ["mnist", "cifar10"]
+    for result in report["results"]:
+        for phase in ("train", "eval"):
+            summary = result[phase]
+            for key in ("normcli_images_per_s", "reference_images_per_s", "ratio"):
+                assert summary[key] > 0, (result["dataset"], phase, key)
+            assert summary["images"] > 0
+            rounds = summary["rounds"]
+            assert len(rounds["ratio"]) == report["settings"]["rounds"] == 1
+            assert summary["target"] is None  # no pass/fail verdict on generated data
+
+
+def test_quick_markdown_names_machine_and_command(quick_report: tuple[dict, str]) -> None:
+    report, page = quick_report
+    assert report["machine"]["torch"] in page
+    assert report["command"] in page
+    assert "--quick" in report["command"]
+    assert "| mnist |" in page and "| cifar10 |" in page
+
+
+def test_fewer_than_three_rounds_is_refused() -> None:
+    result = run_bench("--rounds", "2", "--data-dir", "/nonexistent")
+    assert result.returncode == 2
+    assert "--rounds must be at least 3" in result.stderr

@@ -1,0 +1,127 @@
+"""Norm layers by name: what each name builds, what it computes, and the (norm, groups) checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from normcli.errors import NormcliError
+from normcli.norms import DEFAULT_GROUPS, NORMS, check_norm, get_norm_layer, norm_label
+
+ALL_NORMS = ["bn", "gn", "ln", "in", "none"]
+
+
+def test_the_table_holds_exactly_the_five_norms() -> None:
+    assert sorted(NORMS) == sorted(ALL_NORMS)
+
+
+@pytest.mark.parametrize("channels", [8, 12, 16])
+def test_each_name_builds_its_layer(channels: int) -> None:
+    bn = get_norm_layer("bn")(channels)
+    assert type(bn) is nn.BatchNorm2d and bn.num_features == channels
+
+    gn = get_norm_layer("gn")(channels)
+    assert type(gn) is nn.GroupNorm
+    assert (gn.num_groups, gn.num_channels) == (DEFAULT_GROUPS, channels) == (4, channels)
+
+    gn2 = get_norm_layer("gn", 2)(channels)
+    assert (gn2.num_groups, gn2.num_channels) == (2, channels)
+
+    ln = get_norm_layer("ln")(channels)
+    assert type(ln) is nn.GroupNorm and (ln.num_groups, ln.num_channels) == (1, channels)
+
+    inorm = get_norm_layer("in")(channels)
+    assert type(inorm) is nn.GroupNorm
+    assert (inorm.num_groups, inorm.num_channels) == (channels, channels)
+
+    assert type(get_norm_layer("none")(channels)) is nn.Identity
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 8, 5, 5, generator=g) * 3 + 1
+
+
+def _standardize(x: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-5) -> torch.Tensor:
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def test_ln_normalizes_each_sample_over_channels_and_space() -> None:
+    x = _batch()
+    torch.testing.assert_close(get_norm_layer("ln")(8)(x), _standardize(x, (1, 2, 3)))
+
+
+def test_in_normalizes_each_sample_and_channel_over_space() -> None:
+    x = _batch(1)
+    torch.testing.assert_close(get_norm_layer("in")(8)(x), _standardize(x, (2, 3)))
+
+
+def test_gn_normalizes_each_group_of_channels() -> None:
+    x = _batch(2)
+    by_group = x.reshape(4, 2, 4, 5, 5)  # 8 channels in 2 groups of 4
+    expected = _standardize(by_group, (2, 3, 4)).reshape(x.shape)
+    torch.testing.assert_close(get_norm_layer("gn", 2)(8)(x), expected)
+
+
+def test_bn_in_training_normalizes_each_channel_over_the_batch() -> None:
+    x = _batch(3)
+    torch.testing.assert_close(get_norm_layer("bn")(8).train()(x), _standardize(x, (0, 2, 3)))
+
+
+def test_none_passes_through() -> None:
+    x = _batch(4)
+    assert torch.equal(get_norm_layer("none")(8)(x), x)
+
+
+def test_unknown_norm_lists_the_valid_names() -> None:
+    with pytest.raises(NormcliError) as err:
+        check_norm("batchnorm", None)
+    for name in ALL_NORMS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "in", "none"])
+def test_groups_with_a_norm_other_than_gn_is_refused(norm: str) -> None:
+    with pytest.raises(NormcliError, match="gn"):
+        check_norm(norm, 2)
+    with pytest.raises(NormcliError, match="gn"):
+        get_norm_layer(norm, 1)
+    assert check_norm(norm, None) is None
+
+
+@pytest.mark.parametrize("groups", [0, -2])
+def test_groups_must_be_positive(groups: int) -> None:
+    with pytest.raises(NormcliError, match="positive"):
+        check_norm("gn", groups)
+
+
+def test_gn_without_groups_uses_the_default() -> None:
+    assert check_norm("gn", None) == DEFAULT_GROUPS
+    assert check_norm("gn", 8) == 8
+
+
+def test_labels() -> None:
+    assert norm_label("ln") == "LN"
+    assert norm_label("gn", 2) == "GN (G=2)"
+    assert norm_label("bn", None, 1e-4).startswith("BN + L1 (")
+    assert norm_label("bn") == "BN"
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "in", "none"])
+def test_cli_refuses_groups_with_a_norm_other_than_gn(cli, tmp_path: Path, norm: str) -> None:
+    out = tmp_path / "x.safetensors"
+    result = cli(
+        "train", "--norm", norm, "--groups", "2", "--data-dir", tmp_path, "--device", "cpu",
+        "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--groups" in lines[0] and "gn" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
