@@ -269,6 +269,12 @@ def check_writable(path: Path) -> None:
         raise NormcliError(f"{path}: folder {parent} is not writable ({e.strerror or e})") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` then rename over `path`: readers never see a partial file."""
     check_writable(path)
@@ -279,6 +285,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -95,7 +95,9 @@ def train(
     model: ModelOpt = None,
     l1: Annotated[float, typer.Option(help="L1 lambda: adds lambda * sum|w| to the loss.")] = 0.0,
     epochs: Annotated[int | None, typer.Option(help="Default: 15 mnist, 20 cifar10.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step. Default: 64 mnist, 128 cifar10.")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak one-cycle learning rate.")] = None,
     momentum: Annotated[float, typer.Option(help="SGD Nesterov momentum.")] = 0.9,
     weight_decay: Annotated[float | None, typer.Option(help="SGD weight decay.")] = None,

@@ -28,7 +28,7 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
 DPI = 100
-CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.6  # inches, for misclassified grids
+CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.9  # inches, for misclassified grids
 
 
 def save_figure(fig: Figure, path: Path, fmt: str | None = None) -> Path:
@@ -73,7 +73,7 @@ def misclassified_figure(
 ) -> Figure:
     """A grid with one titled cell per mistake; images are [0, 1] floats (N, C, H, W).
 
-    Size in pixels at DPI 100: width cols * 160, height rows * 190 + 60.
+    Size in pixels at DPI 100: width cols * 160, height rows * 190 + 90.
     """
     rows = max(1, -(-len(mistakes) // cols))
     fig = Figure(figsize=(cols * CELL_WIDTH, rows * CELL_HEIGHT + TITLE_HEIGHT))
@@ -92,7 +92,7 @@ def misclassified_figure(
             f"({m.probability:.2f})",
             fontsize=8,
         )
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.15 / (rows * CELL_HEIGHT + TITLE_HEIGHT))
     return fig
 
 

@@ -39,8 +39,10 @@ CHECKPOINT_DIR = Path("checkpoints")
 
 # Defaults per dataset, chosen for the targets in the README's Results section.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist": {"epochs": 15, "lr": 0.05, "weight_decay": 0.0, "dropout": 0.0},
-    "cifar10": {"epochs": 20, "lr": 0.1, "weight_decay": 5e-4, "dropout": 0.0},
+    # MNIST: batch 64 gives the 9k-parameter net twice the steps; LN needs them to pass
+    # 99.4% in the last epochs (measured: LN 99.44% at batch 128, 99.53% at 64).
+    "mnist": {"epochs": 15, "batch_size": 64, "lr": 0.05, "weight_decay": 0.0, "dropout": 0.0},
+    "cifar10": {"epochs": 20, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "dropout": 0.0},
 }
 
 
@@ -54,7 +56,7 @@ class TrainConfig:
     groups: int | None = None
     dropout: float | None = None
     epochs: int | None = None
-    batch_size: int = 128
+    batch_size: int | None = None
     lr: float | None = None  # peak learning rate of the one-cycle schedule
     momentum: float = 0.9  # SGD (Nesterov) momentum
     weight_decay: float | None = None
@@ -391,6 +393,8 @@ def train(
     reporter = reporter or _Silent()
     spec = get_spec(config.dataset)
     saved = len(resume_from.meta.history) if resume_from is not None else 0  # epochs in the file
+    if resume_from is not None and saved == config.epochs:  # finished: nothing to load or do
+        return TrainResult(path, list(resume_from.meta.history), count_params(resume_from.model))
     try:
         train_split = load_split(config.dataset, True, data_dir, limit=config.limit).to(dev)
         test_split = load_split(config.dataset, False, data_dir, limit=config.limit).to(dev)

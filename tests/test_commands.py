@@ -134,7 +134,7 @@ def test_misclassified_grid(cli, tiny_data, tiny_checkpoints, tmp_path, captured
         assert probs == sorted(probs, reverse=True)
 
     rows = -(-expected // cols)
-    assert png_size(out) == (cols * 160, rows * 190 + 60)
+    assert png_size(out) == (cols * 160, rows * 190 + 90)
     (fig,) = captured_figures
     titled = [ax for ax in fig.axes if ax.get_title()]
     assert len(titled) == expected
