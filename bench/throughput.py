@@ -78,7 +78,7 @@ from normcli.cli import Norm
 from normcli.data import DATA_ENV, DEFAULT_AUGMENT, DatasetSpec, Split, get_spec, load_split
 from normcli.errors import NormcliError
 from normcli.evaluate import EVAL_BATCH_SIZE, evaluate
-from normcli.train import TrainConfig, _make_state, _train_epoch
+from normcli.train import SilentReporter, TrainConfig, _make_state, _train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
@@ -186,19 +186,6 @@ class Timing:
         return self.images / self.seconds
 
 
-class _Quiet:
-    """A normcli.train.Reporter that shows nothing."""
-
-    def start_epoch(self, epoch: int, epochs: int, num_batches: int) -> None:
-        pass
-
-    def batch(self, done: int, loss: float, accuracy: float, images_per_s: float) -> None:
-        pass
-
-    def end_epoch(self, row: dict[str, float]) -> None:
-        pass
-
-
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with `n` intra-op threads (None: leave torch's setting alone)."""
@@ -220,7 +207,7 @@ def normcli_train(bench: Bench, images: int) -> tuple[Timing, nn.Module]:
     augment = DEFAULT_AUGMENT[config.dataset] if config.augment else None
     gc.collect()
     start = time.perf_counter()
-    _train_epoch(state, config, split, augment, _Quiet())
+    _train_epoch(state, config, split, augment, SilentReporter())
     return Timing(len(split), time.perf_counter() - start), state.model
 
 

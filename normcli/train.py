@@ -132,7 +132,9 @@ class Reporter(Protocol):
     def end_epoch(self, row: dict[str, float]) -> None: ...
 
 
-class _Silent:
+class SilentReporter:
+    """A Reporter that shows nothing (library use, benchmarks)."""
+
     def start_epoch(self, epoch: int, epochs: int, num_batches: int) -> None:
         pass
 
@@ -390,11 +392,9 @@ def train(
         check_writable(path)
     if resume_from is None and path.exists() and not overwrite:
         raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
-    reporter = reporter or _Silent()
+    reporter = reporter or SilentReporter()
     spec = get_spec(config.dataset)
     saved = len(resume_from.meta.history) if resume_from is not None else 0  # epochs in the file
-    if resume_from is not None and saved == config.epochs:  # finished: nothing to load or do
-        return TrainResult(path, list(resume_from.meta.history), count_params(resume_from.model))
     try:
         train_split = load_split(config.dataset, True, data_dir, limit=config.limit).to(dev)
         test_split = load_split(config.dataset, False, data_dir, limit=config.limit).to(dev)

@@ -18,7 +18,9 @@ TINY_TRAIN = 200
 TINY_TEST = 100
 
 
-def make_images(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_images(
+    n: int, shape: tuple[int, int, int], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable uint8 images: class k has a bright square at a class-specific place, plus noise."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 10
@@ -89,7 +91,7 @@ class CliResult:
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliResult:
-    """Run `normcli ARGS` in-process through Typer's CliRunner isolation and the real entry point."""
+    """Run `normcli ARGS` in-process: Typer's CliRunner isolation around the real entry point."""
     runner = CliRunner()
     with runner.isolation(env=env) as (out, err, _):
         code = main([str(a) for a in args])
@@ -120,7 +122,9 @@ def tiny_checkpoints(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     """Checkpoints trained on the tiny data: mnist bn+L1, gn, ln and one cifar10 bn."""
     folder = tmp_path_factory.mktemp("ckpts")
     return {
-        "bn_l1": train_tiny(tiny_data, folder / "bn_l1.safetensors", "--norm", "bn", "--l1", "1e-4"),
+        "bn_l1": train_tiny(
+            tiny_data, folder / "bn_l1.safetensors", "--norm", "bn", "--l1", "1e-4"
+        ),
         "gn": train_tiny(tiny_data, folder / "gn.safetensors", "--norm", "gn", "--groups", "2"),
         "ln": train_tiny(tiny_data, folder / "ln.safetensors", "--norm", "ln"),
         "cifar": train_tiny(tiny_data, folder / "cifar.safetensors", dataset="cifar10"),

@@ -1,4 +1,4 @@
-"""eval, misclassified, plot and summary through the CLI, checked against independent computations."""
+"""eval, misclassified, plot and summary through the CLI, checked against independent numbers."""
 
 from __future__ import annotations
 
@@ -105,7 +105,9 @@ def test_eval_markdown_has_one_row_per_checkpoint(cli, tiny_data, tiny_checkpoin
 
 
 @pytest.mark.parametrize(("n", "cols", "sort"), [(10, 5, "index"), (7, 3, "confidence")])
-def test_misclassified_grid(cli, tiny_data, tiny_checkpoints, tmp_path, captured_figures, n, cols, sort):
+def test_misclassified_grid(
+    cli, tiny_data, tiny_checkpoints, tmp_path, captured_figures, n, cols, sort
+):
     ckpt = tiny_checkpoints["ln"]
     out = tmp_path / "grid.png"
     args = ["misclassified", ckpt, "--n", n, "--cols", cols, "--sort", sort, "--out", out]
@@ -141,7 +143,9 @@ def test_misclassified_grid(cli, tiny_data, tiny_checkpoints, tmp_path, captured
     assert "LN" in fig._suptitle.get_text() and "MNIST" in fig._suptitle.get_text()
 
 
-def test_misclassified_several_checkpoints_one_grid_each(cli, tiny_data, tiny_checkpoints, tmp_path):
+def test_misclassified_several_checkpoints_one_grid_each(
+    cli, tiny_data, tiny_checkpoints, tmp_path
+):
     paths = [tiny_checkpoints["bn_l1"], tiny_checkpoints["cifar"]]
     result = cli("misclassified", *paths, "--n", "4", "--out", tmp_path, "--data-dir", tiny_data)
     assert result.exit_code == 0, result.stderr

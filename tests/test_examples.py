@@ -1,0 +1,41 @@
+"""examples/compare_norms.sh end to end on tiny generated data: the study script keeps working."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from normcli.checkpoint import read_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_compare_norms_script(tiny_data, tmp_path):
+    out = tmp_path / "study"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = ["bash", str(REPO / "examples" / "compare_norms.sh"), "mnist", "--epochs", "1",
+           "--data-dir", str(tiny_data), "--out", str(out), "--device", "cpu"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    runs = ["bn_l1", "gn", "ln"]
+    for name in runs:
+        meta = read_metadata(out / f"{name}.safetensors")
+        assert len(meta.history) == 1
+        assert (out / f"misclassified_{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert read_metadata(out / "bn_l1.safetensors").l1 == 1e-4
+    for figure in ("curves.png", "test_loss.png", "test_accuracy.png"):
+        assert (out / figure).read_bytes().startswith(b"\x89PNG")
+    reports = json.loads((out / "eval.json").read_text())
+    assert [r["name"] for r in reports] == runs
+    assert [r["label"] for r in reports] == ["BN + L1 (1e-4)", "GN (G=4)", "LN"]
+    table = (out / "eval.md").read_text()
+    assert table.count("\n| ") == 4 and "train gn:" in (out / "log.txt").read_text()
+
+    # A second run resumes (finished runs are kept) and refreshes the outputs.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert len(read_metadata(out / "gn.safetensors").history) == 1
