@@ -154,6 +154,12 @@ class _State:
     history: list[dict[str, float]]
 
 
+def _warmup_fraction(total_steps: int) -> float:
+    """One-cycle warm-up share: 25%, but at least 2 steps; OneCycleLR divides by zero when
+    the warm-up ends exactly at step 1 (e.g. 4 steps in all)."""
+    return 0.25 if total_steps >= 8 else 0.75 if total_steps <= 2 else 2 / total_steps
+
+
 def _make_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> _State:
     torch.manual_seed(config.seed)  # weight init and dropout
     model = build_model(
@@ -175,7 +181,7 @@ def _make_state(config: TrainConfig, steps_per_epoch: int, device: torch.device)
         max_lr=config.lr,
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
-        pct_start=0.25,
+        pct_start=_warmup_fraction(config.epochs * steps_per_epoch),
         div_factor=10.0,
         final_div_factor=100.0,
         cycle_momentum=False,
