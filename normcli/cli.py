@@ -17,7 +17,9 @@ import typer
 
 from normcli import __version__
 from normcli.console import stderr
+from normcli.data import DATASETS
 from normcli.errors import NormcliError
+from normcli.norms import NORMS
 
 app = typer.Typer(
     name="normcli",
@@ -28,17 +30,10 @@ app = typer.Typer(
 )
 
 
-class Dataset(str, Enum):
-    mnist = "mnist"
-    cifar10 = "cifar10"
-
-
-class Norm(str, Enum):
-    bn = "bn"
-    gn = "gn"
-    ln = "ln"
-    in_ = "in"
-    none = "none"
+# Closed choices for --help, derived from the library's tables so a new dataset or norm
+# needs one entry, not two.
+Dataset = Enum("Dataset", {name: name for name in DATASETS}, type=str)
+Norm = Enum("Norm", {name: name for name in NORMS}, type=str)
 
 
 class Device(str, Enum):
@@ -201,7 +196,7 @@ def eval_(
     """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix."""
     from normcli.checkpoint import load_checkpoint
     from normcli.console import markdown_table, show_comparison, show_report
-    from normcli.evaluate import report
+    from normcli.evaluate import report, test_splits
     from normcli.outputs import plan_outputs
     from normcli.train import resolve_device
 
@@ -210,7 +205,8 @@ def eval_(
     if confusion is not None:
         defaults = [c.path.with_name(f"{c.path.stem}_confusion.png") for c in ckpts]
         confusion_paths = plan_outputs(confusion, defaults, overwrite)
-    reports = [report(c, data_dir, limit=limit, batch_size=batch_size, device=dev) for c in ckpts]
+    splits = test_splits(ckpts, data_dir, limit, dev)
+    reports = [report(c, splits[c.meta.dataset], batch_size) for c in ckpts]
     if confusion is not None:
         from normcli.plots import confusion_figure, save_figure
 
@@ -254,7 +250,7 @@ def misclassified(
 ) -> None:
     """Write one annotated grid of misclassified test images per checkpoint."""
     from normcli.checkpoint import load_checkpoint
-    from normcli.evaluate import load_test_split
+    from normcli.evaluate import test_splits
     from normcli.outputs import plan_outputs
     from normcli.plots import write_misclassified_grid
     from normcli.train import resolve_device
@@ -267,9 +263,10 @@ def misclassified(
     ckpts = [load_checkpoint(p) for p in checkpoints]
     defaults = [c.path.with_name(f"{c.path.stem}_misclassified.png") for c in ckpts]
     paths = plan_outputs(out, defaults, overwrite)
+    splits = test_splits(ckpts, data_dir, limit, dev)
     docs = []
     for ckpt, path in zip(ckpts, paths, strict=True):
-        split = load_test_split(ckpt, data_dir, limit, dev)
+        split = splits[ckpt.meta.dataset]
         mistakes = write_misclassified_grid(
             ckpt, split, path, n=n, sort=sort.value, cols=cols, batch_size=batch_size
         )

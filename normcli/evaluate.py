@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ def predict(
     model: nn.Module, split: Split, spec: DatasetSpec, batch_size: int = EVAL_BATCH_SIZE
 ) -> torch.Tensor:
     """Logits of `model` (put in eval mode) for every image of `split`, in order, on the CPU."""
+    if batch_size <= 0:
+        raise NormcliError(f"--batch-size must be positive, got {batch_size}")
     model.eval()
     memory_format = _memory_format(model)
     out = [
@@ -137,31 +140,22 @@ class CheckpointReport:
         return doc
 
 
-def load_test_split(
-    ckpt: Checkpoint,
+def test_splits(
+    ckpts: Sequence[Checkpoint],
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     device: torch.device | str = "cpu",
-) -> Split:
-    """The test split of a checkpoint's dataset, on `device`."""
-    return load_split(ckpt.meta.dataset, False, data_dir, limit=limit).to(device)
+) -> dict[str, Split]:
+    """The test split of every dataset the checkpoints use, each read once, on `device`."""
+    datasets = dict.fromkeys(c.meta.dataset for c in ckpts)
+    return {d: load_split(d, False, data_dir, limit=limit).to(device) for d in datasets}
 
 
-def report(
-    ckpt: Checkpoint,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    limit: int | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: torch.device | str = "cpu",
-) -> CheckpointReport:
+def report(ckpt: Checkpoint, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> CheckpointReport:
     """Evaluate a loaded checkpoint on its dataset's test split and describe it."""
-    if batch_size <= 0:
-        raise NormcliError(f"--batch-size must be positive, got {batch_size}")
     meta = ckpt.meta
     spec = get_spec(meta.dataset)
-    split = load_test_split(ckpt, data_dir, limit, device)
-    result = evaluate(ckpt.model.to(device), split, spec, batch_size)
+    result = evaluate(ckpt.model.to(split.images.device), split, spec, batch_size)
     accs = [row["test_accuracy"] for row in meta.history]
     secs = [row["seconds"] for row in meta.history if "seconds" in row]
     return CheckpointReport(

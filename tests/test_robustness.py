@@ -497,15 +497,23 @@ simple(
 )
 
 
-def _config_case(name: str, edit: Callable[[dict], None], *expected: str) -> None:
+def _resume_metadata_case(
+    key: str, name: str, edit: Callable[[dict], None], *expected: str
+) -> None:
+    """`train --resume` on a checkpoint whose JSON metadata `key` was edited in place."""
+
     def build(e: Env) -> list[str | Path]:
         raw, _ = read_file(e.ckpt)
-        config = json.loads(raw["config"])
-        edit(config)
-        path = e.variant({"config": json.dumps(config)})
+        value = json.loads(raw[key])
+        edit(value)
+        path = e.variant({key: json.dumps(value)})
         return ["train", "--resume", path, "--data-dir", e.data, "--device", "cpu"]
 
     simple(name, build, *expected)
+
+
+def _config_case(name: str, edit: Callable[[dict], None], *expected: str) -> None:
+    _resume_metadata_case("config", name, edit, *expected)
 
 
 _config_case(
@@ -518,14 +526,7 @@ _config_case("resume-config-other-batch-size", lambda c: c.update(batch_size=7),
 
 
 def _resume_case(name: str, edit: Callable[[dict], None], *expected: str) -> None:
-    def build(e: Env) -> list[str | Path]:
-        raw, _ = read_file(e.ckpt)
-        resume = json.loads(raw["resume"])
-        edit(resume)
-        path = e.variant({"resume": json.dumps(resume)})
-        return ["train", "--resume", path, "--data-dir", e.data, "--device", "cpu"]
-
-    simple(name, build, *expected)
+    _resume_metadata_case("resume", name, edit, *expected)
 
 
 _resume_case(
