@@ -8,7 +8,8 @@ One process runs the two pipelines alternately, A B A B ..., for --rounds rounds
 A  normcli: the whole split in memory as uint8; shuffled batches sliced from it and augmented
    as whole batches (normcli.data.batches with DEFAULT_AUGMENT); the library's own training
    step (normcli.train._make_state and _train_epoch, channels_last as TrainConfig sets it);
-   evaluation with normcli.evaluate.evaluate (batches of 1000, inference_mode).
+   evaluation with normcli.evaluate.evaluate (inference_mode, channels_last, batches of
+   EVAL_BATCH_SIZE, BatchNorm folded into the convolutions by fold_batchnorm).
 B  the usual course pipeline: a torchvision dataset returning one PIL image per item,
    per-sample PIL transforms equivalent to A's augmentation, ToTensor, Normalize, and
    DataLoader(batch_size, shuffle=True, num_workers=2, persistent_workers=False); the same
@@ -545,10 +546,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- **A (normcli)**: splits in memory as uint8, batches sliced and augmented as whole "
         "batches (`normcli.data.batches`, `DEFAULT_AUGMENT`), `normcli.train._make_state` + "
         "`_train_epoch` (SGD Nesterov + one-cycle, channels_last); evaluation "
-        f"`normcli.evaluate.evaluate`, batches of {EVAL_BATCH_SIZE}, inference_mode.",
+        f"`normcli.evaluate.evaluate`, batches of {EVAL_BATCH_SIZE}, inference_mode, "
+        "channels_last, BatchNorm folded into the preceding convolutions.",
         "- **B (reference)**: `torchvision.datasets.MNIST` / a CIFAR-10 binary dataset "
         "returning PIL images, per-sample `RandomAffine(7, translate=(2/28, 2/28))` (MNIST) or "
-        "`RandomCrop(32, padding=4)` + `RandomHorizontalFlip()` (CIFAR-10), `ToTensor`, "
+        f"`RandomCrop(32, padding={DEFAULT_AUGMENT['cifar10'].crop_padding})` + "
+        "`RandomHorizontalFlip()` (CIFAR-10), `ToTensor`, "
         f"`Normalize`; `DataLoader(shuffle=True, num_workers={s['workers']}, "
         "persistent_workers=False)`; same model and initial weights, same optimizer and "
         "schedule, contiguous memory format. Evaluation: DataLoader with ToTensor + Normalize, "

@@ -25,6 +25,7 @@ from torch import nn
 from normcli import __version__
 from normcli.data import DATASETS
 from normcli.errors import NormcliError
+from normcli.norms import norm_label
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a normcli header is a few hundred kB at most
@@ -36,6 +37,7 @@ SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "model": (str, True),
     "norm": (str, True),
     "groups": ((int, type(None)), True),
+    "weight_standardization": (bool, False),  # absent in files from before it existed
     "dropout": (float, True),
     "dataset": (str, True),
     "class_names": (list, True),
@@ -72,6 +74,7 @@ class CheckpointMeta:
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     resume: dict[str, Any] | None = None
+    weight_standardization: bool = False
     format_version: int = FORMAT_VERSION
     normcli_version: str = __version__
     torch_version: str = torch.__version__
@@ -80,6 +83,11 @@ class CheckpointMeta:
     @property
     def l1(self) -> float:
         return float(self.config.get("l1", 0.0))
+
+    @property
+    def label(self) -> str:
+        """Short run label, e.g. 'BN + L1 (1e-4)', 'GN (G=4) + WS'."""
+        return norm_label(self.norm, self.groups, self.l1, self.weight_standardization)
 
     def to_strings(self) -> dict[str, str]:
         return {k: json.dumps(v) for k, v in asdict(self).items()}
@@ -101,7 +109,7 @@ class CheckpointMeta:
                 raise NormcliError(f"{where}: metadata {key!r} is not valid JSON") from None
             if types is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if isinstance(value, bool) or not isinstance(value, types):
+            if isinstance(value, bool) is not (types is bool) or not isinstance(value, types):
                 raise NormcliError(f"{where}: metadata {key!r} has the wrong type")
             values[key] = value
         if values["format_version"] > FORMAT_VERSION:
@@ -226,6 +234,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             groups=meta.groups,
             dropout=meta.dropout,
             num_classes=len(meta.class_names),
+            ws=meta.weight_standardization,
         )
     except NormcliError as e:  # say which file holds the bad model description
         raise NormcliError(f"{path}: {e}") from None

@@ -19,6 +19,7 @@ from normcli import __version__
 from normcli.console import stderr
 from normcli.data import DATASETS
 from normcli.errors import NormcliError
+from normcli.evaluate import EVAL_BATCH_SIZE
 from normcli.norms import NORMS
 
 app = typer.Typer(
@@ -58,6 +59,14 @@ NormOpt = Annotated[Norm, typer.Option(help="bn, gn (GroupNorm), ln (GroupNorm(1
 GroupsOpt = Annotated[
     int | None, typer.Option(help="Groups for gn (default 4).", show_default=False)
 ]
+WsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--ws/--no-ws",
+        help="Weight-standardized convolutions. Default: on for gn, ln, in; off for bn, none.",
+        show_default=False,
+    ),
+]
 ModelOpt = Annotated[
     str | None,
     typer.Option(help="Registry name (see `normcli summary --list`).", show_default=False),
@@ -76,7 +85,7 @@ def _root(
 
 # Options that decide a run; with --resume they come from the checkpoint instead.
 _RUN_OPTIONS = (
-    "dataset", "norm", "groups", "model", "l1", "epochs", "batch_size", "lr", "momentum",
+    "dataset", "norm", "groups", "ws", "model", "l1", "epochs", "batch_size", "lr", "momentum",
     "weight_decay", "dropout", "seed", "augment", "limit", "out", "overwrite",
 )  # fmt: skip
 
@@ -87,15 +96,19 @@ def train(
     dataset: Annotated[Dataset, typer.Option(help="Dataset to train on.")] = Dataset.mnist,
     norm: NormOpt = Norm.bn,
     groups: GroupsOpt = None,
+    ws: WsOpt = None,
     model: ModelOpt = None,
     l1: Annotated[float, typer.Option(help="L1 lambda: adds lambda * sum|w| to the loss.")] = 0.0,
     epochs: Annotated[int | None, typer.Option(help="Default: 15 mnist, 20 cifar10.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per step. Default: 64 mnist, 128 cifar10.")
+    batch_size: Annotated[int | None, typer.Option(help="Images per step. Default: 64.")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak one-cycle learning rate. Default: 0.05 mnist, 0.1 cifar10."),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak one-cycle learning rate.")] = None,
     momentum: Annotated[float, typer.Option(help="SGD Nesterov momentum.")] = 0.9,
-    weight_decay: Annotated[float | None, typer.Option(help="SGD weight decay.")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="SGD weight decay. Default: 0 mnist, 5e-5 cifar10.")
+    ] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout rate (model option).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for init, data order, augmentation.")] = 1,
     augment: Annotated[bool, typer.Option(help="Batch augmentation on the device.")] = True,
@@ -117,9 +130,10 @@ def train(
 
     if resume is not None:
         given = [
-            "--" + name.replace("_", "-")
-            for name in _RUN_OPTIONS
-            if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+            "/".join(param.opts + param.secondary_opts)  # --ws/--no-ws names both spellings
+            for param in ctx.command.params
+            if param.name in _RUN_OPTIONS
+            and getattr(ctx.get_parameter_source(param.name), "name", "") == "COMMANDLINE"
         ]
         if given:
             raise NormcliError(
@@ -133,7 +147,7 @@ def train(
         else:
             config = TrainConfig(
                 dataset=dataset.value, model=model, norm=norm.value, groups=groups,
-                dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                ws=ws, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                 momentum=momentum, weight_decay=weight_decay, l1=l1, seed=seed,
                 augment=augment, limit=limit,
             )  # fmt: skip
@@ -180,7 +194,7 @@ def eval_(
     checkpoints: CkptsArg,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
-    batch_size: EvalBatchOpt = 1000,
+    batch_size: EvalBatchOpt = EVAL_BATCH_SIZE,
     device: DeviceOpt = Device.auto,
     confusion: Annotated[
         Path | None,
@@ -244,7 +258,7 @@ def misclassified(
     overwrite: OverwriteOpt = False,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
-    batch_size: EvalBatchOpt = 1000,
+    batch_size: EvalBatchOpt = EVAL_BATCH_SIZE,
     device: DeviceOpt = Device.auto,
     json_: JsonOpt = False,
 ) -> None:
@@ -351,6 +365,7 @@ def summary(
     model: ModelOpt = None,
     norm: NormOpt = Norm.bn,
     groups: GroupsOpt = None,
+    ws: WsOpt = None,
     compare: Annotated[bool, typer.Option(help="Parameters of the model for every norm.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the model registry.")] = False,
     json_: JsonOpt = False,
@@ -384,7 +399,7 @@ def summary(
         )
     elif model is not None:
         name, norm_name, group_count = model, norm.value, groups
-        net = build_model(name, norm=norm_name, groups=group_count)
+        net = build_model(name, norm=norm_name, groups=group_count, ws=ws)
     else:
         raise NormcliError("give a checkpoint, --model NAME, or --list")
     if compare:

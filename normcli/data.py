@@ -455,7 +455,7 @@ class Augment:
 
 DEFAULT_AUGMENT = {
     "mnist": Augment(degrees=7.0, shift=2.0),
-    "cifar10": Augment(crop_padding=4, flip=True),
+    "cifar10": Augment(crop_padding=2, flip=True),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -10,14 +11,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from normcli.checkpoint import Checkpoint
 from normcli.data import DatasetSpec, Split, batches, get_spec, load_split
 from normcli.errors import NormcliError
 from normcli.models import count_params
-from normcli.norms import norm_label
 
-EVAL_BATCH_SIZE = 1000
+# Fastest on the 2-core CPU for cifar_net of 128 / 256 / 512 / 1000: 6.4k / 7.1k / 5.9k / 4.6k
+# test images per second (mnist_net: 12.6k / 12.7k / 15.9k / 10.8k).
+EVAL_BATCH_SIZE = 256
 
 
 @torch.inference_mode()
@@ -29,6 +32,7 @@ def predict(
         raise NormcliError(f"--batch-size must be positive, got {batch_size}")
     model.eval()
     memory_format = _memory_format(model)
+    model = fold_batchnorm(model)
     out = [
         model(x.contiguous(memory_format=memory_format)).float()
         for x, _ in batches(split, spec, batch_size)
@@ -36,6 +40,31 @@ def predict(
     if not out:
         return torch.empty(0, spec.num_classes)
     return torch.cat(out).cpu()
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of an eval-mode `model` with every BatchNorm2d that directly follows a
+    Conv2d in a Sequential folded into that conv's weight and bias; `model` itself when there
+    is none. Same function up to float rounding, one pass over each activation fewer."""
+    pairs = []
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            children = list(seq.named_children())
+            pairs += [
+                (seq, name, prev)
+                for (prev, a), (name, b) in zip(children, children[1:], strict=False)
+                if type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d and b.track_running_stats
+            ]
+    if not pairs or model.training:
+        return model
+    folded = copy.deepcopy(model)
+    paths = {id(m): path for path, m in model.named_modules()}
+    for seq, name, prev in pairs:
+        target = folded.get_submodule(paths[id(seq)])
+        conv = fuse_conv_bn_eval(target.get_submodule(prev), target.get_submodule(name))
+        setattr(target, prev, conv)
+        setattr(target, name, nn.Identity())
+    return folded.to(memory_format=_memory_format(model))
 
 
 def _memory_format(model: nn.Module) -> torch.memory_format:
@@ -125,6 +154,7 @@ class CheckpointReport:
     dataset: str
     norm: str
     groups: int | None
+    ws: bool  # weight-standardized convolutions
     l1: float
     label: str
     params: int
@@ -165,8 +195,9 @@ def report(ckpt: Checkpoint, split: Split, batch_size: int = EVAL_BATCH_SIZE) ->
         dataset=meta.dataset,
         norm=meta.norm,
         groups=meta.groups,
+        ws=meta.weight_standardization,
         l1=meta.l1,
-        label=norm_label(meta.norm, meta.groups, meta.l1),
+        label=meta.label,
         params=count_params(ckpt.model),
         epochs=len(meta.history),
         best_accuracy=max(accs) if accs else None,

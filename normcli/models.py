@@ -2,7 +2,8 @@
 
 A model is a plain builder function decorated with `@register`; `build_model` is
 the one door, `list_models` answers "what is there?". Builders take a
-`norm_layer` (see `normcli.norms`) so every norm fits every model.
+`norm_layer` and a `conv_layer` (see `normcli.norms`) so every norm, with or without
+weight standardization, fits every model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from normcli.errors import NormcliError
-from normcli.norms import NormLayer, check_norm, get_norm_layer
+from normcli.norms import NormLayer, check_norm, conv_layer, get_norm_layer, resolve_ws
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ _REGISTRY: dict[str, ModelInfo] = {}
 def register(
     name: str, *, dataset: str, default: bool = False
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a builder `fn(*, norm_layer, num_classes, dropout)` to the registry."""
+    """Decorator adding a builder `fn(*, norm_layer, conv_layer, num_classes, dropout)`."""
 
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -105,8 +106,10 @@ def build_model(
     groups: int | None = None,
     dropout: float | None = None,
     num_classes: int | None = None,
+    ws: bool | None = None,
 ) -> nn.Module:
-    """Build registered model `name` with the given norm; None arguments keep the defaults."""
+    """Build registered model `name` with the given norm, its convolutions weight-standardized
+    when `ws` says so (None: the norm's default); None arguments keep the defaults."""
     builder = get_model_info(name).builder
     groups = check_norm(norm, groups)
     if groups is not None:
@@ -115,7 +118,8 @@ def build_model(
         raise NormcliError(f"--dropout must be in [0, 1), got {dropout}")
     kwargs = {"dropout": dropout, "num_classes": num_classes}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return builder(norm_layer=get_norm_layer(norm, groups), **kwargs)
+    conv = conv_layer(resolve_ws(norm, ws))
+    return builder(norm_layer=get_norm_layer(norm, groups), conv_layer=conv, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
@@ -137,30 +141,19 @@ class ConvBlock(nn.Sequential):
         cout: int,
         norm_layer: NormLayer,
         *,
+        conv_layer: type[nn.Conv2d] = nn.Conv2d,
         kernel_size: int = 3,
         padding: int = 0,
         dropout: float = 0.0,
     ) -> None:
         layers: dict[str, nn.Module] = {
-            "conv": nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False),
+            "conv": conv_layer(cin, cout, kernel_size, padding=padding, bias=False),
             "norm": norm_layer(cout),
             "act": nn.ReLU(inplace=True),
         }
         if dropout:
             layers["drop"] = nn.Dropout(dropout)
         super().__init__(OrderedDict(layers))  # named paths: block.conv, block.norm, ...
-
-
-class Residual(nn.Module):
-    """x + F(x), with F two 3x3 ConvBlocks at constant width (ResNet's basic block)."""
-
-    def __init__(self, channels: int, norm_layer: NormLayer, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.block1 = ConvBlock(channels, channels, norm_layer, padding=1, dropout=dropout)
-        self.block2 = ConvBlock(channels, channels, norm_layer, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block2(self.block1(x))
 
 
 class Classifier(nn.Module):
@@ -182,11 +175,17 @@ class Classifier(nn.Module):
 
 
 @register("mnist_net", dataset="mnist", default=True)
-def mnist_net(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+def mnist_net(
+    *,
+    norm_layer: NormLayer,
+    conv_layer: type[nn.Conv2d] = nn.Conv2d,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+) -> nn.Module:
     """MNIST CNN, 8.9k parameters: two 3x3 convs, max-pool, 1x1 squeeze, four 3x3 convs, GAP."""
 
-    def block(cin: int, cout: int, **kw: int) -> ConvBlock:
-        return ConvBlock(cin, cout, norm_layer, dropout=dropout, **kw)
+    def block(cin: int, cout: int, drop: float = dropout, **kw: int) -> ConvBlock:
+        return ConvBlock(cin, cout, norm_layer, conv_layer=conv_layer, dropout=drop, **kw)
 
     features = nn.Sequential(
         block(1, 8),  # 28 -> 26, receptive field 3
@@ -196,23 +195,35 @@ def mnist_net(*, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 
         block(8, 12),  # 12 -> 10, RF 10
         block(12, 16),  # 10 -> 8, RF 14
         block(16, 16),  # 8 -> 6, RF 18
-        ConvBlock(16, 16, norm_layer, padding=1),  # 6 -> 6, RF 22; no dropout before the head
+        block(16, 16, drop=0.0, padding=1),  # 6 -> 6, RF 22; no dropout before the head
     )
     return Classifier(features, 16, num_classes)
 
 
-@register("cifar_resnet", dataset="cifar10", default=True)
-def cifar_resnet(
-    *, norm_layer: NormLayer, num_classes: int = 10, dropout: float = 0.0
+@register("cifar_net", dataset="cifar10", default=True)
+def cifar_net(
+    *,
+    norm_layer: NormLayer,
+    conv_layer: type[nn.Conv2d] = nn.Conv2d,
+    num_classes: int = 10,
+    dropout: float = 0.0,
 ) -> nn.Module:
-    """CIFAR-10 residual CNN, about 45k parameters: 24-32-64 channels, one residual block."""
+    """CIFAR-10 CNN, 49.8k parameters: a 3x3 stem, then three stages of conv, max-pool, conv
+    (16-32-44 channels), GAP. Pooling inside each stage keeps the second conv cheap."""
+
+    def block(cin: int, cout: int, drop: float = dropout) -> ConvBlock:
+        return ConvBlock(cin, cout, norm_layer, conv_layer=conv_layer, padding=1, dropout=drop)
+
     features = nn.Sequential(
-        ConvBlock(3, 24, norm_layer, padding=1),  # 32x32
+        block(3, 16),  # 32x32, receptive field 3
+        block(16, 16),  # 32x32, RF 5
         nn.MaxPool2d(2),  # -> 16x16
-        ConvBlock(24, 32, norm_layer, padding=1, dropout=dropout),
-        Residual(32, norm_layer, dropout=dropout),
+        block(16, 16),  # RF 10
+        block(16, 32),  # RF 14
         nn.MaxPool2d(2),  # -> 8x8
-        ConvBlock(32, 64, norm_layer, padding=1),
+        block(32, 32),  # RF 24
+        block(32, 44),  # RF 32
         nn.MaxPool2d(2),  # -> 4x4
+        block(44, 44, drop=0.0),  # RF 52; no dropout before the head
     )
-    return Classifier(features, 64, num_classes)
+    return Classifier(features, 44, num_classes)

@@ -16,7 +16,6 @@ from matplotlib.ticker import MaxNLocator
 from normcli.checkpoint import Checkpoint, CheckpointMeta, atomic_write
 from normcli.data import Split, denormalize, get_spec, normalize
 from normcli.evaluate import EVAL_BATCH_SIZE, Mistake, find_misclassified, predict
-from normcli.norms import norm_label
 
 # history key -> (axis label with unit, title)
 METRICS: dict[str, tuple[str, str]] = {
@@ -122,7 +121,7 @@ def confusion_figure(
 
 def run_labels(metas: Sequence[CheckpointMeta], paths: Sequence[Path]) -> list[str]:
     """Legend labels from metadata ('BN + L1 (1e-4)', 'GN (G=2)', 'LN'); file stem if ambiguous."""
-    labels = [norm_label(m.norm, m.groups, m.l1) for m in metas]
+    labels = [m.label for m in metas]
     return [
         f"{label} [{p.stem}]" if labels.count(label) > 1 else label
         for label, p in zip(labels, paths, strict=True)
@@ -156,8 +155,7 @@ def write_misclassified_grid(
     images = denormalize(normalize(split.images.cpu()[index], spec), spec)
     which = "first" if sort == "index" else "most confidently"
     title = (
-        f"{meta.model} · {norm_label(meta.norm, meta.groups, meta.l1)} · "
-        f"{meta.dataset.upper()}: {which} misclassified test images"
+        f"{meta.model} · {meta.label} · {meta.dataset.upper()}: {which} misclassified test images"
     )
     fig = misclassified_figure(images, mistakes, meta.class_names, min(cols, n), title)
     save_figure(fig, path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from normcli import checkpoint
@@ -33,12 +34,15 @@ def _history(epochs: int) -> list[dict[str, float]]:
     ]
 
 
-def _meta(name: str, norm: str, groups: int | None, dropout: float) -> CheckpointMeta:
+def _meta(
+    name: str, norm: str, groups: int | None, dropout: float, ws: bool = False
+) -> CheckpointMeta:
     spec = get_spec(get_model_info(name).dataset)
     return CheckpointMeta(
         model=name,
         norm=norm,
         groups=groups,
+        weight_standardization=ws,
         dropout=dropout,
         dataset=spec.name,
         class_names=list(spec.class_names),
@@ -51,10 +55,12 @@ def _meta(name: str, norm: str, groups: int | None, dropout: float) -> Checkpoin
     )
 
 
-def _trained_model(name: str, norm: str, groups: int | None, dropout: float) -> nn.Module:
+def _trained_model(
+    name: str, norm: str, groups: int | None, dropout: float, ws: bool = False
+) -> nn.Module:
     """A model whose weights and running statistics are all far from their initial values."""
     torch.manual_seed(11)
-    model = build_model(name, norm=norm, groups=groups, dropout=dropout)
+    model = build_model(name, norm=norm, groups=groups, dropout=dropout, ws=ws)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
@@ -67,21 +73,21 @@ def _trained_model(name: str, norm: str, groups: int | None, dropout: float) -> 
 
 
 CASES = [
-    ("mnist_net", "bn", None, 0.0),
-    ("mnist_net", "gn", 2, 0.1),
-    ("cifar_resnet", "bn", None, 0.2),
-    ("cifar_resnet", "ln", None, 0.0),
-    ("cifar_resnet", "in", None, 0.0),
-    ("mnist_net", "none", None, 0.0),
+    ("mnist_net", "bn", None, 0.0, False),
+    ("mnist_net", "gn", 2, 0.1, True),
+    ("cifar_net", "bn", None, 0.2, True),
+    ("cifar_net", "ln", None, 0.0, False),
+    ("cifar_net", "in", None, 0.0, True),
+    ("mnist_net", "none", None, 0.0, False),
 ]
 
 
-@pytest.mark.parametrize(("name", "norm", "groups", "dropout"), CASES)
+@pytest.mark.parametrize(("name", "norm", "groups", "dropout", "ws"), CASES)
 def test_round_trip_keeps_weights_buffers_metadata_and_outputs(
-    tmp_path: Path, name: str, norm: str, groups: int | None, dropout: float
+    tmp_path: Path, name: str, norm: str, groups: int | None, dropout: float, ws: bool
 ) -> None:
-    model = _trained_model(name, norm, groups, dropout)
-    meta = _meta(name, norm, groups, dropout)
+    model = _trained_model(name, norm, groups, dropout, ws)
+    meta = _meta(name, norm, groups, dropout, ws)
     extra = {"optim.0.momentum_buffer": torch.randn(3, 4), "rng.data": torch.arange(5)}
     path = tmp_path / "run.safetensors"
 
@@ -198,8 +204,24 @@ def test_a_safetensors_file_without_normcli_metadata_is_refused(tmp_path: Path) 
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
-    # The metadata says mnist_net, but the tensors are cifar_resnet's.
+    # The metadata says mnist_net, but the tensors are cifar_net's.
     path = tmp_path / "x.safetensors"
-    save_checkpoint(path, build_model("cifar_resnet"), _meta("mnist_net", "bn", None, 0.0))
+    save_checkpoint(path, build_model("cifar_net"), _meta("mnist_net", "bn", None, 0.0))
     with pytest.raises(NormcliError, match="do not match|shape"):
         load_checkpoint(path)
+
+
+def test_a_file_from_before_weight_standardization_loads_with_plain_convs(tmp_path: Path) -> None:
+    model = _trained_model("mnist_net", "gn", 2, 0.0)
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(path, model, _meta("mnist_net", "gn", 2, 0.0))
+    raw, tensors = checkpoint.read_file(path)
+    del raw["weight_standardization"]  # as normcli wrote it before the option existed
+    save_file(tensors, str(path), metadata=raw)
+
+    loaded = load_checkpoint(path)
+    assert loaded.meta.weight_standardization is False
+    assert {type(m) for m in loaded.model.modules() if isinstance(m, nn.Conv2d)} == {nn.Conv2d}
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))

@@ -101,7 +101,7 @@ def test_eval_markdown_has_one_row_per_checkpoint(cli, tiny_data, tiny_checkpoin
     assert result.exit_code == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 3  # header, rule, one per run
-    assert "BN + L1 (1e-4)" in rows[2] and "GN (G=2)" in rows[3] and "LN" in rows[4]
+    assert "BN + L1 (1e-4)" in rows[2] and "GN (G=2) + WS" in rows[3] and "LN + WS" in rows[4]
 
 
 @pytest.mark.parametrize(("n", "cols", "sort"), [(10, 5, "index"), (7, 3, "confidence")])
@@ -178,7 +178,7 @@ def test_plot_default_grid_uses_histories(cli, tiny_checkpoints, tmp_path, captu
     metrics = ["test_loss", "test_accuracy", "train_loss", "train_accuracy"]
     for ax, metric in zip(fig.axes, metrics, strict=True):
         labels = [line.get_label() for line in ax.get_lines()]
-        assert labels == ["BN + L1 (1e-4)", "GN (G=2)", "LN"]
+        assert labels == ["BN + L1 (1e-4)", "GN (G=2) + WS", "LN + WS"]
         assert ax.get_xlabel() == "epoch"
         assert ("%" in ax.get_ylabel()) == metric.endswith("accuracy")
         for line, path in zip(ax.get_lines(), paths, strict=True):
@@ -215,7 +215,7 @@ def test_plot_refuses_to_overwrite(cli, tiny_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln", "in", "none"])
-@pytest.mark.parametrize("model", ["mnist_net", "cifar_resnet"])
+@pytest.mark.parametrize("model", ["mnist_net", "cifar_net"])
 def test_summary_totals_equal_parameter_count(cli, model, norm):
     result = cli("summary", "--model", model, "--norm", norm, "--json")
     assert result.exit_code == 0, result.stderr
@@ -242,7 +242,7 @@ def test_summary_of_checkpoint_compare_and_list(cli, tiny_checkpoints):
     assert compare["params"]["bn"] == compare["params"]["none"] + 2 * (8 + 16 + 8 + 12 + 16 * 3)
 
     listing = json.loads(cli("summary", "--list", "--json").stdout)
-    assert {r["name"] for r in listing} == {"mnist_net", "cifar_resnet"}
+    assert {r["name"] for r in listing} == {"mnist_net", "cifar_net"}
     assert all(r["default"] for r in listing)
 
 

@@ -31,7 +31,7 @@ def test_compare_norms_script(tiny_data, tmp_path):
         assert (out / figure).read_bytes().startswith(b"\x89PNG")
     reports = json.loads((out / "eval.json").read_text())
     assert [r["name"] for r in reports] == runs
-    assert [r["label"] for r in reports] == ["BN + L1 (1e-4)", "GN (G=4)", "LN"]
+    assert [r["label"] for r in reports] == ["BN + L1 (1e-4)", "GN (G=4) + WS", "LN + WS"]
     table = (out / "eval.md").read_text()
     assert table.count("\n| ") == 4 and "train gn:" in (out / "log.txt").read_text()
 

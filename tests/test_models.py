@@ -21,6 +21,7 @@ from normcli.models import (
     norm_channels,
     valid_groups,
 )
+from normcli.norms import WSConv2d
 
 NORMS = ["bn", "gn", "ln", "in", "none"]
 MODELS = list_models()
@@ -170,7 +171,7 @@ def test_cli_refuses_groups_that_do_not_divide_a_layer(cli, tmp_path: Path) -> N
     )  # fmt: skip
     assert result.exit_code == 2
     assert result.stdout == ""
-    assert "'features.0.norm'" in result.stderr and "24" in result.stderr
+    assert "'features.7.norm'" in result.stderr and "44 channels" in result.stderr
     assert not out.exists()
 
 
@@ -188,14 +189,28 @@ def test_batchnorm_in_training_mode_depends_on_the_batch() -> None:
 
 
 def test_dropout_option() -> None:
-    model = build_model("cifar_resnet", dropout=0.3)
+    model = build_model("cifar_net", dropout=0.3)
     rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
     assert rates and all(p == 0.3 for p in rates)
-    assert not any(isinstance(m, nn.Dropout) for m in build_model("cifar_resnet").modules())
+    assert not any(isinstance(m, nn.Dropout) for m in build_model("cifar_net").modules())
     with pytest.raises(NormcliError, match="dropout"):
-        build_model("cifar_resnet", dropout=1.0)
+        build_model("cifar_net", dropout=1.0)
 
 
 def test_num_classes_option() -> None:
     model = build_model("mnist_net", num_classes=3)
     assert model(_input("mnist_net")).shape == (3, 3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weight_standardization_swaps_every_conv_and_adds_no_parameters(name: str) -> None:
+    def convs(model: nn.Module) -> set[type]:
+        return {type(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
+
+    assert convs(build_model(name, norm="bn")) == {nn.Conv2d}
+    assert convs(build_model(name, norm="gn")) == {WSConv2d}  # the default for gn, ln, in
+    assert convs(build_model(name, norm="ln", ws=False)) == {nn.Conv2d}
+    assert convs(build_model(name, norm="bn", ws=True)) == {WSConv2d}
+    assert count_params(build_model(name, norm="gn", ws=True)) == count_params(
+        build_model(name, norm="gn", ws=False)
+    )

@@ -9,7 +9,17 @@ import torch
 from torch import nn
 
 from normcli.errors import NormcliError
-from normcli.norms import DEFAULT_GROUPS, NORMS, check_norm, get_norm_layer, norm_label
+from normcli.norms import (
+    DEFAULT_GROUPS,
+    NORMS,
+    WSConv2d,
+    check_norm,
+    conv_layer,
+    get_norm_layer,
+    norm_label,
+    resolve_ws,
+    standardize,
+)
 
 ALL_NORMS = ["bn", "gn", "ln", "in", "none"]
 
@@ -125,3 +135,37 @@ def test_cli_refuses_groups_with_a_norm_other_than_gn(cli, tmp_path: Path, norm:
     assert len(lines) == 1 and "--groups" in lines[0] and "gn" in lines[0]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_standardize_gives_each_filter_zero_mean_and_unit_variance() -> None:
+    weight = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.1
+    out = standardize(weight)
+    flat = weight.reshape(6, -1).double()
+    expected = (flat - flat.mean(1, keepdim=True)) / (
+        flat.var(1, unbiased=False, keepdim=True) + 1e-5
+    ).sqrt()
+    torch.testing.assert_close(out.reshape(6, -1).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ws_conv_applies_the_standardized_weight_and_ignores_filter_scale_and_shift() -> None:
+    torch.manual_seed(0)
+    conv = WSConv2d(3, 5, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    flat = conv.weight.detach().reshape(5, -1)
+    mean, std = flat.mean(1), (flat.var(1, unbiased=False) + 1e-5).sqrt()
+    standardized = (conv.weight.detach() - mean.view(5, 1, 1, 1)) / std.view(5, 1, 1, 1)
+    expected = torch.nn.functional.conv2d(x, standardized, padding=1)
+    torch.testing.assert_close(conv(x), expected)
+    with torch.no_grad():  # per-filter affine changes of the raw weight change nothing but eps
+        conv.weight.mul_(torch.tensor([1.5, 2, 3, 7, 10.0]).view(5, 1, 1, 1)).add_(0.3)
+    torch.testing.assert_close(conv(x), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_weight_standardization_defaults_per_norm() -> None:
+    assert {n: resolve_ws(n, None) for n in ALL_NORMS} == {
+        "bn": False, "gn": True, "ln": True, "in": True, "none": False,
+    }  # fmt: skip
+    assert all(resolve_ws(n, True) and not resolve_ws(n, False) for n in ALL_NORMS)
+    assert conv_layer(True) is WSConv2d and conv_layer(False) is nn.Conv2d
+    assert norm_label("gn", 4, ws=True) == "GN (G=4) + WS"
+    assert norm_label("bn", l1=1e-4, ws=True) == "BN + WS + L1 (1e-4)"

@@ -108,9 +108,9 @@ simple(
     lambda e: e.train("--model", "resnet50"),
     "unknown model 'resnet50'",
     "mnist_net",
-    "cifar_resnet",
+    "cifar_net",
 )
-simple("model-of-other-dataset", lambda e: e.train("--model", "cifar_resnet"), "cifar10")
+simple("model-of-other-dataset", lambda e: e.train("--model", "cifar_net"), "cifar10")
 simple("unknown-norm", lambda e: e.train("--norm", "batch"), "'batch'", "'bn'", "'gn'", "'ln'")
 simple(
     "groups-not-dividing",
@@ -412,6 +412,11 @@ _meta_case(
     "meta-wrong-type-bool", {"format_version": "true"}, "'format_version' has the wrong type"
 )
 _meta_case("meta-wrong-type-dropout", {"dropout": "[0.1]"}, "'dropout' has the wrong type")
+_meta_case(
+    "meta-wrong-type-ws",
+    {"weight_standardization": "1"},
+    "'weight_standardization' has the wrong type",
+)
 _meta_case("meta-wrong-type-class-names", {"class_names": "[0, 1, 2]"}, "'class_names'")
 _meta_case("meta-wrong-type-input-shape", {"input_shape": '[1, "28", 28]'}, "'input_shape'")
 _meta_case("meta-wrong-input-shape", {"input_shape": "[1, 28, 8]"}, "'input_shape'")
@@ -523,6 +528,19 @@ _config_case("resume-config-missing", lambda c: c.pop("batch_size"), "'batch_siz
 _config_case("resume-config-invalid", lambda c: c.update(lr=-1.0), "--lr must be positive")
 _config_case("resume-config-other-model", lambda c: c.update(norm="ln"), "does not fit", "norm")
 _config_case("resume-config-other-batch-size", lambda c: c.update(batch_size=7), "does not fit")
+_config_case(
+    "resume-config-other-ws", lambda c: c.update(ws=True), "does not fit", "weight standardization"
+)
+simple(
+    "resume-with-run-option",
+    lambda e: ["train", "--resume", e.ckpt, "--epochs", "3", "--data-dir", e.data],
+    "drop --epochs",
+)
+simple(
+    "resume-with-ws-flag",
+    lambda e: ["train", "--resume", e.ckpt, "--no-ws", "--data-dir", e.data],
+    "drop --ws/--no-ws",
+)
 
 
 def _resume_case(name: str, edit: Callable[[dict], None], *expected: str) -> None:

@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from normcli.checkpoint import load_checkpoint, read_metadata
 from normcli.data import DATA_ENV, get_spec, read_cifar_bin, read_idx
 from normcli.models import _REGISTRY, ModelInfo, build_model, mnist_net
-from normcli.train import TrainConfig, l1_penalty, train
+from normcli.train import TrainConfig, _config_from_meta, l1_penalty, train
 
 HISTORY_KEYS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"}
 TIMING_KEYS = {"seconds", "images_per_second"}
@@ -177,14 +177,15 @@ def test_recorded_metrics_of_a_learned_model_equal_an_independent_evaluation(
 
 def test_checkpoints_record_the_options_given(tiny_checkpoints: dict[str, Path]) -> None:
     expected = {
-        "bn_l1": ("mnist", "mnist_net", "bn", None, 1e-4),
-        "gn": ("mnist", "mnist_net", "gn", 2, 0.0),
-        "ln": ("mnist", "mnist_net", "ln", None, 0.0),
-        "cifar": ("cifar10", "cifar_resnet", "bn", None, 0.0),
+        "bn_l1": ("mnist", "mnist_net", "bn", None, 1e-4, False),
+        "gn": ("mnist", "mnist_net", "gn", 2, 0.0, True),
+        "ln": ("mnist", "mnist_net", "ln", None, 0.0, True),
+        "cifar": ("cifar10", "cifar_net", "bn", None, 0.0, False),
     }
-    for key, (dataset, model, norm, groups, l1) in expected.items():
+    for key, (dataset, model, norm, groups, l1, ws) in expected.items():
         meta = read_metadata(tiny_checkpoints[key])
         assert (meta.dataset, meta.model, meta.norm, meta.groups) == (dataset, model, norm, groups)
+        assert meta.weight_standardization is meta.config["ws"] is ws
         assert meta.l1 == l1 and meta.config["l1"] == l1
         assert meta.config["epochs"] == 2 and meta.config["batch_size"] == 32
 
@@ -260,6 +261,8 @@ def test_default_names_distinguish_every_run_setting(monkeypatch: pytest.MonkeyP
         "groups": dataclasses.replace(base, norm="gn", groups=2),
         "groups1": dataclasses.replace(base, norm="gn", groups=1),
         "in": dataclasses.replace(base, norm="in"),
+        "bn-ws": dataclasses.replace(base, ws=True),
+        "gn-nows": dataclasses.replace(base, norm="gn", ws=False),
         "l1": dataclasses.replace(base, l1=1e-4),
         "l1b": dataclasses.replace(base, l1=1e-5),
         "l1c": dataclasses.replace(base, l1=2.5e-4),
@@ -271,8 +274,19 @@ def test_default_names_distinguish_every_run_setting(monkeypatch: pytest.MonkeyP
     for path in paths.values():
         assert path.parent == Path("checkpoints") and path.suffix == ".safetensors"
     assert "mnist" in paths["base"].name and "mnist_net" in paths["base"].name
-    assert "cifar10" in paths["dataset"].name and "cifar_resnet" in paths["dataset"].name
+    assert "cifar10" in paths["dataset"].name and "cifar_net" in paths["dataset"].name
     assert "mnist_twin" in paths["model"].name
+    # The norm's own default is not spelled out; a choice against it is.
+    assert paths["base"] == dataclasses.replace(base, ws=False).resolve().default_path()
+    assert paths["gn"] == dataclasses.replace(base, norm="gn", ws=True).resolve().default_path()
+    assert "_bn-ws_" in paths["bn-ws"].name and "_gn-g4-nows_" in paths["gn-nows"].name
+
+
+def test_config_from_a_checkpoint_older_than_weight_standardization() -> None:
+    config = dataclasses.asdict(TrainConfig(dataset="mnist", norm="gn").resolve())
+    assert config.pop("ws") is True
+    # Files written before the option existed trained plain convolutions, whatever the norm.
+    assert _config_from_meta(config, Path("old.safetensors")).ws is False
 
 
 def test_train_without_out_writes_the_default_path(
