@@ -46,6 +46,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An inference copy of an eval-mode `model` with every BatchNorm2d that directly follows a
     Conv2d in a Sequential folded into that conv's weight and bias; `model` itself when there
     is none. Same function up to float rounding, one pass over each activation fewer."""
+    if model.training:  # batch statistics: nothing to fold
+        return model
     pairs = []
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):
@@ -55,7 +57,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 for (prev, a), (name, b) in zip(children, children[1:], strict=False)
                 if type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d and b.track_running_stats
             ]
-    if not pairs or model.training:
+    if not pairs:
         return model
     folded = copy.deepcopy(model)
     paths = {id(m): path for path, m in model.named_modules()}

@@ -270,13 +270,12 @@ def _check_resume(
     def bad(what: str) -> NormcliError:
         return NormcliError(f"{where}: resume state does not fit this run ({what})")
 
-    for key in ("model", "norm", "groups", "dataset"):
-        if getattr(meta, key) != getattr(config, key):
-            raise bad(f"{key} differs from the training config")
-    if meta.dropout != config.dropout:
-        raise bad("dropout differs from the training config")
-    if meta.weight_standardization != config.ws:
-        raise bad("weight standardization differs from the training config")
+    # metadata field -> TrainConfig field: the model description must match the config
+    described = {"model": "model", "norm": "norm", "groups": "groups", "dataset": "dataset",
+                 "dropout": "dropout", "weight_standardization": "ws"}  # fmt: skip
+    for key, config_key in described.items():
+        if getattr(meta, key) != getattr(config, config_key):
+            raise bad(f"{key.replace('_', ' ')} differs from the training config")
     epoch = len(meta.history)
     if resume.get("epoch") != epoch or epoch > config.epochs:
         raise bad(f"epoch {resume.get('epoch')!r} with {epoch} history rows")
