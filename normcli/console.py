@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +20,20 @@ from rich.table import Table
 from normcli.evaluate import CheckpointReport
 from normcli.norms import format_lambda
 
-stderr = Console(stderr=True)
-stdout = Console()
+# Piped or captured output has no terminal width to fit; rich would assume 80 columns and
+# squeeze wide tables into truncated cells. Give it room unless COLUMNS says otherwise.
+PIPE_WIDTH = 160
+
+
+def _console(**kwargs: Any) -> Console:
+    console = Console(**kwargs)
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=PIPE_WIDTH, **kwargs)
+
+
+stderr = _console(stderr=True)
+stdout = _console()
 
 
 class ProgressReporter:
@@ -79,7 +92,7 @@ def print_table(
         table.add_column(name, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
-    console.print(table, width=max(console.width, 120))
+    console.print(table)
 
 
 def _fmt(value: Any) -> str:

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from normcli.errors import NormcliError
-from normcli.norms import NormLayer, check_norm, conv_layer, get_norm_layer, resolve_ws
+from normcli.norms import (
+    DEFAULT_GROUPS,
+    NormLayer,
+    check_norm,
+    conv_layer,
+    get_norm_layer,
+    resolve_ws,
+)
 
 
 @dataclass(frozen=True)
@@ -28,13 +35,14 @@ class ModelInfo:
     builder: Callable[..., nn.Module]
     default: bool
     description: str
+    default_groups: int = DEFAULT_GROUPS  # GroupNorm groups when --groups is not given
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register(
-    name: str, *, dataset: str, default: bool = False
+    name: str, *, dataset: str, default: bool = False, default_groups: int = DEFAULT_GROUPS
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a builder `fn(*, norm_layer, conv_layer, num_classes, dropout)`."""
 
@@ -44,7 +52,8 @@ def register(
         if default and any(m.default and m.dataset == dataset for m in _REGISTRY.values()):
             raise ValueError(f"dataset {dataset!r} already has a default model")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = ModelInfo(name, dataset, fn, default, doc[0] if doc else "")
+        description = doc[0] if doc else ""
+        _REGISTRY[name] = ModelInfo(name, dataset, fn, default, description, default_groups)
         return fn
 
     return decorate
@@ -99,6 +108,17 @@ def check_groups(name: str, groups: int) -> None:
             )
 
 
+def resolve_groups(name: str, norm: str, groups: int | None) -> int | None:
+    """The group count `norm` gets in model `name`: `groups`, checked against its channels,
+    or the model's default for gn; None for norms without groups."""
+    if groups is None and check_norm(norm, None) is not None:
+        groups = get_model_info(name).default_groups
+    groups = check_norm(norm, groups)
+    if groups is not None:
+        check_groups(name, groups)
+    return groups
+
+
 def build_model(
     name: str,
     *,
@@ -111,9 +131,7 @@ def build_model(
     """Build registered model `name` with the given norm, its convolutions weight-standardized
     when `ws` says so (None: the norm's default); None arguments keep the defaults."""
     builder = get_model_info(name).builder
-    groups = check_norm(norm, groups)
-    if groups is not None:
-        check_groups(name, groups)
+    groups = resolve_groups(name, norm, groups)
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise NormcliError(f"--dropout must be in [0, 1), got {dropout}")
     kwargs = {"dropout": dropout, "num_classes": num_classes}
@@ -200,7 +218,9 @@ def mnist_net(
     return Classifier(features, 16, num_classes)
 
 
-@register("cifar_net", dataset="cifar10", default=True)
+# GroupNorm groups for cifar_net: 2 (2 channels of 16 per group up to 22 of 44) measured
+# 80.4% against 80.0% with 4 (20 epochs, on cifar_net_p4).
+@register("cifar_net", dataset="cifar10", default=True, default_groups=2)
 def cifar_net(
     *,
     norm_layer: NormLayer,
@@ -208,13 +228,36 @@ def cifar_net(
     num_classes: int = 10,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """CIFAR-10 CNN, 49.8k parameters: a 3x3 stem, then three stages of conv, max-pool, conv
-    (16-32-44 channels), GAP. Pooling inside each stage keeps the second conv cheap."""
+    """CIFAR-10 CNN, 49.8k parameters: 3x3 convs at 32x32 (16 channels), 16x16 (16-32) and
+    8x8 (32-44-44), max-pools between, GAP over the 8x8 map."""
+    return _cifar_net(norm_layer, conv_layer, num_classes, dropout, last_at_4x4=False)
 
+
+@register("cifar_net_p4", dataset="cifar10")
+def cifar_net_p4(
+    *,
+    norm_layer: NormLayer,
+    conv_layer: type[nn.Conv2d] = nn.Conv2d,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """cifar_net with a third max-pool before its last conv, which runs at 4x4 (the default
+    until the last conv moved up to 8x8; the study's earlier runs used it)."""
+    return _cifar_net(norm_layer, conv_layer, num_classes, dropout, last_at_4x4=True)
+
+
+def _cifar_net(
+    norm_layer: NormLayer,
+    conv_layer: type[nn.Conv2d],
+    num_classes: int,
+    dropout: float,
+    *,
+    last_at_4x4: bool,
+) -> nn.Module:
     def block(cin: int, cout: int, drop: float = dropout) -> ConvBlock:
         return ConvBlock(cin, cout, norm_layer, conv_layer=conv_layer, padding=1, dropout=drop)
 
-    features = nn.Sequential(
+    layers = [
         block(3, 16),  # 32x32, receptive field 3
         block(16, 16),  # 32x32, RF 5
         nn.MaxPool2d(2),  # -> 16x16
@@ -223,7 +266,8 @@ def cifar_net(
         nn.MaxPool2d(2),  # -> 8x8
         block(32, 32),  # RF 24
         block(32, 44),  # RF 32
-        nn.MaxPool2d(2),  # -> 4x4
-        block(44, 44, drop=0.0),  # RF 52; no dropout before the head
-    )
-    return Classifier(features, 44, num_classes)
+    ]
+    if last_at_4x4:  # its 17k weights then see 16 positions per image, mostly padding
+        layers.append(nn.MaxPool2d(2))
+    layers.append(block(44, 44, drop=0.0))  # RF 40 (52 at 4x4); no dropout before the head
+    return Classifier(nn.Sequential(*layers), 44, num_classes)

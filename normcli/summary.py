@@ -79,6 +79,7 @@ def registry_table() -> list[dict[str, Any]]:
                 "dataset": info.dataset,
                 "default": info.default,
                 "params": params_per_norm(name),
+                "default_groups": info.default_groups,
                 "valid_groups": valid_groups(name),
                 "description": info.description,
             }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -242,8 +243,21 @@ def test_summary_of_checkpoint_compare_and_list(cli, tiny_checkpoints):
     assert compare["params"]["bn"] == compare["params"]["none"] + 2 * (8 + 16 + 8 + 12 + 16 * 3)
 
     listing = json.loads(cli("summary", "--list", "--json").stdout)
-    assert {r["name"] for r in listing} == {"mnist_net", "cifar_net"}
-    assert all(r["default"] for r in listing)
+    rows = {r["name"]: r for r in listing}
+    assert set(rows) == {"mnist_net", "cifar_net", "cifar_net_p4"}
+    assert [n for n, r in rows.items() if r["default"]] == ["cifar_net", "mnist_net"]
+    assert {n: r["default_groups"] for n, r in rows.items()} == {
+        "cifar_net": 2, "cifar_net_p4": 4, "mnist_net": 4
+    }  # fmt: skip
+
+
+def test_tables_piped_without_a_terminal_width_are_not_squeezed(monkeypatch) -> None:
+    from normcli.console import PIPE_WIDTH, _console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _console(file=io.StringIO()).width == PIPE_WIDTH  # rich alone would say 80
+    monkeypatch.setenv("COLUMNS", "70")
+    assert _console(file=io.StringIO()).width == 70
 
 
 @pytest.mark.parametrize(

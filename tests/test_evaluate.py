@@ -1,4 +1,4 @@
-"""Inference helpers: BatchNorm folding gives the same predictions with fewer layers."""
+"""Inference helpers: BatchNorm folding and the memory layout change speed, not predictions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from normcli.evaluate import fold_batchnorm
+from normcli.data import Split, get_spec
+from normcli.evaluate import _memory_format, fold_batchnorm, predict
 from normcli.models import build_model
 
 
@@ -55,3 +56,26 @@ def test_nothing_to_fold_returns_the_model_itself() -> None:
     assert fold_batchnorm(bn_with_ws) is bn_with_ws
     training = build_model("mnist_net", norm="bn").train()  # batch statistics: nothing fixed
     assert fold_batchnorm(training) is training
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_predict_runs_in_the_models_layout_and_matches_a_plain_forward(
+    norm: str, layout: torch.memory_format
+) -> None:
+    torch.manual_seed(5)
+    model = build_model("mnist_net", norm=norm).to(memory_format=layout).eval()
+    # The first conv has one input channel, so its weight is both layouts at once: the
+    # layout must be read from the others (it once was not, and MNIST ran mixed, slowly).
+    assert _memory_format(model) == layout
+    strides = [p.stride() for p in model.parameters()]
+    split = Split(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.zeros(40))
+    spec = get_spec("mnist")
+
+    logits = predict(model, split, spec, batch_size=16)
+
+    x = (split.images.float() / 255 - spec.mean[0]) / spec.std[0]
+    with torch.no_grad():
+        expected = model(x.contiguous())
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert [p.stride() for p in model.parameters()] == strides

@@ -19,9 +19,11 @@ from normcli.models import (
     get_model_info,
     list_models,
     norm_channels,
+    resolve_groups,
     valid_groups,
 )
 from normcli.norms import WSConv2d
+from normcli.train import TrainConfig
 
 NORMS = ["bn", "gn", "ln", "in", "none"]
 MODELS = list_models()
@@ -101,7 +103,7 @@ def test_norm_layers_are_the_right_kind_at_every_norm_position(name: str) -> Non
     assert all(type(m) is nn.BatchNorm2d for m in bn.values())
 
     expected_groups = {
-        "gn": lambda c: 4,
+        "gn": lambda c: get_model_info(name).default_groups,
         "ln": lambda c: 1,  # LayerNorm = GroupNorm(1, C)
         "in": lambda c: c,  # InstanceNorm = GroupNorm(C, C)
     }
@@ -153,6 +155,20 @@ def test_every_group_count_is_accepted_or_refused_naming_the_layer(name: str) ->
             if c % groups and layer in message and re.search(rf"\b{c}\b", message)
         ]
         assert named, f"--groups {groups}: {message!r} names no offending layer and its channels"
+
+
+def test_default_groups_are_the_models_and_resolve_into_the_config() -> None:
+    assert get_model_info("mnist_net").default_groups == 4
+    assert get_model_info("cifar_net").default_groups == 2
+    for dataset, name, groups in (("mnist", "mnist_net", 4), ("cifar10", "cifar_net", 2)):
+        gns = [m for m in build_model(name, norm="gn").modules() if isinstance(m, nn.GroupNorm)]
+        assert gns and {m.num_groups for m in gns} == {groups}
+        assert TrainConfig(dataset=dataset, norm="gn").resolve().groups == groups
+        assert TrainConfig(dataset=dataset, norm="gn", groups=1).resolve().groups == 1
+        assert TrainConfig(dataset=dataset, norm="ln").resolve().groups is None
+    assert resolve_groups("cifar_net", "bn", None) is None
+    with pytest.raises(NormcliError, match="--groups applies to gn only"):
+        resolve_groups("cifar_net", "bn", 2)
 
 
 def test_groups_error_example() -> None:

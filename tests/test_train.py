@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from normcli.checkpoint import load_checkpoint, read_metadata
 from normcli.data import DATA_ENV, get_spec, read_cifar_bin, read_idx
 from normcli.models import _REGISTRY, ModelInfo, build_model, mnist_net
+from normcli.norms import NORMS
 from normcli.train import TrainConfig, _config_from_meta, l1_penalty, train
 
 HISTORY_KEYS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"}
@@ -240,6 +241,16 @@ def test_existing_output_needs_overwrite(cli, tiny_data: Path, tmp_path: Path) -
     replaced = cli(*args, "--out", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.stderr
     assert len(read_metadata(out).history) == 1
+
+
+def test_cifar10_batch_size_default_depends_on_whether_the_norm_uses_batch_statistics() -> None:
+    batch = {n: TrainConfig(dataset="cifar10", norm=n).resolve().batch_size for n in NORMS}
+    assert batch == {"bn": 64, "gn": 32, "ln": 32, "in": 32, "none": 32}
+    assert {TrainConfig(dataset="mnist", norm=n).resolve().batch_size for n in NORMS} == {64}
+    assert TrainConfig(dataset="cifar10", norm="bn", batch_size=16).resolve().batch_size == 16
+    # only the batch size is per norm; the rest is the dataset's
+    bn, ln = (TrainConfig(dataset="cifar10", norm=n).resolve() for n in ("bn", "ln"))
+    assert (bn.lr, bn.weight_decay, bn.epochs) == (ln.lr, ln.weight_decay, ln.epochs)
 
 
 # ---------------------------------------------------------------------------
