@@ -27,9 +27,9 @@ PIPE_WIDTH = 160
 
 def _console(**kwargs: Any) -> Console:
     console = Console(**kwargs)
-    if console.is_terminal or "COLUMNS" in os.environ:
-        return console
-    return Console(width=PIPE_WIDTH, **kwargs)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
 
 
 stderr = _console(stderr=True)
