@@ -6,8 +6,8 @@
 One process runs the two pipelines alternately, A B A B ..., for --rounds rounds:
 
 A  normcli: the whole split in memory as uint8; shuffled batches sliced from it and augmented
-   as whole batches (normcli.data.batches with DEFAULT_AUGMENT); the library's own training
-   step (normcli.train._make_state and _train_epoch, channels_last as TrainConfig sets it);
+   as whole batches (normcli.data.batches with the dataset's augmentation); the library's
+   own training step (normcli.train.new_run and train_epoch, channels_last as RunSpec sets it);
    evaluation with normcli.evaluate.evaluate (inference_mode, channels_last, batches of
    EVAL_BATCH_SIZE, BatchNorm folded into the convolutions by fold_batchnorm).
 B  the usual course pipeline: a torchvision dataset returning one PIL image per item,
@@ -59,6 +59,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,17 +70,25 @@ import typer
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from tinydata import write_tiny  # bench/tinydata.py: a script's folder is on sys.path
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import Dataset as TorchDataset
 from torchvision import transforms as T
 
-from normcli.cli import Dataset as DatasetName
-from normcli.cli import Norm
-from normcli.data import DATA_ENV, DEFAULT_AUGMENT, DatasetSpec, Split, get_spec, load_split
+from normcli.config import RunSpec
+from normcli.data import (
+    DATA_ENV,
+    DATASETS,
+    Dataset,
+    Split,
+    get_dataset,
+    load_split,
+    write_synthetic,
+)
 from normcli.errors import NormcliError
 from normcli.evaluate import EVAL_BATCH_SIZE, evaluate
-from normcli.train import SilentReporter, TrainConfig, _make_state, _train_epoch
+from normcli.norms import NORMS
+from normcli.train import new_run, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
@@ -105,8 +114,8 @@ console = Console(stderr=True)
 # ---------------------------------------------------------------------------
 
 
-def reference_transform(spec: DatasetSpec, train: bool) -> T.Compose:
-    """Per-sample PIL transforms doing what normcli's DEFAULT_AUGMENT does to whole batches.
+def reference_transform(spec: Dataset, train: bool) -> T.Compose:
+    """Per-sample PIL transforms doing what the dataset's augmentation does to whole batches.
 
     Same ranges; torchvision's RandomAffine defaults (nearest-neighbour, whole-pixel shifts)
     where normcli resamples bilinearly with sub-pixel shifts, as a course would write it.
@@ -114,7 +123,7 @@ def reference_transform(spec: DatasetSpec, train: bool) -> T.Compose:
     tail = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     if not train:
         return T.Compose(tail)
-    augment = DEFAULT_AUGMENT[spec.name]
+    augment = spec.augment
     _, h, w = spec.input_shape
     head: list[nn.Module] = []
     if augment.degrees or augment.shift:  # rotation U(-deg, deg), shift U(-px, px)
@@ -127,7 +136,7 @@ def reference_transform(spec: DatasetSpec, train: bool) -> T.Compose:
     return T.Compose(head + tail)
 
 
-class CifarBinary(Dataset):
+class CifarBinary(TorchDataset):
     """CIFAR-10 served the way torchvision.datasets.CIFAR10 serves it: a PIL image per item.
 
     torchvision reads only the python batches; the local copy is the binary layout, so the
@@ -147,7 +156,7 @@ class CifarBinary(Dataset):
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
-def reference_dataset(spec: DatasetSpec, root: Path, train: bool) -> Dataset:
+def reference_dataset(spec: Dataset, root: Path, train: bool) -> TorchDataset:
     """The course's dataset object for `spec`: torchvision's MNIST, or CifarBinary."""
     transform = reference_transform(spec, train)
     if spec.name == "mnist":
@@ -164,12 +173,12 @@ def reference_dataset(spec: DatasetSpec, root: Path, train: bool) -> Dataset:
 class Bench:
     """Everything both pipelines need for one dataset, loaded once."""
 
-    config: TrainConfig  # resolved; B uses it with channels_last=False
-    spec: DatasetSpec
+    run: RunSpec  # resolved; B uses it with channels_last=False
+    spec: Dataset
     train_split: Split  # A, in memory
     test_split: Split
-    reference_train: Dataset  # B
-    reference_test: Dataset
+    reference_train: TorchDataset  # B
+    reference_test: TorchDataset
     train_images: int  # per round
     reference_eval_batch_size: int
     workers: int
@@ -201,15 +210,12 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 def normcli_train(bench: Bench, images: int) -> tuple[Timing, nn.Module]:
     """A: one epoch of `images` images through normcli's own training step."""
-    config = bench.config
     split = bench.train_split.head(images)
-    steps = -(-len(split) // config.batch_size)
-    state = _make_state(config, steps, CPU)
-    augment = DEFAULT_AUGMENT[config.dataset] if config.augment else None
+    run = new_run(bench.run, split, bench.test_split.head(1), CPU)
     gc.collect()
     start = time.perf_counter()
-    _train_epoch(state, config, split, augment, SilentReporter())
-    return Timing(len(split), time.perf_counter() - start), state.model
+    train_epoch(run)
+    return Timing(len(split), time.perf_counter() - start), run.model
 
 
 def normcli_eval(bench: Bench, model: nn.Module, images: int) -> Timing:
@@ -223,7 +229,8 @@ def normcli_eval(bench: Bench, model: nn.Module, images: int) -> Timing:
 
 def reference_train(bench: Bench, images: int) -> tuple[Timing, nn.Module]:
     """B: one epoch of `images` images through a DataLoader with per-sample PIL transforms."""
-    config = dataclasses.replace(bench.config, channels_last=False)
+    spec = bench.run
+    config = dataclasses.replace(spec.train, channels_last=False)
     dataset = bench.reference_train
     # RandomSampler is what shuffle=True builds; num_samples makes the epoch `images` long
     # so no prefetched batch is wasted when it is shorter than the dataset.
@@ -234,7 +241,9 @@ def reference_train(bench: Bench, images: int) -> tuple[Timing, nn.Module]:
         num_workers=bench.workers,
         persistent_workers=False,
     )
-    state = _make_state(config, len(loader), CPU)  # same init, optimizer and schedule as A
+    # Same init, optimizer and schedule as A (an epoch of `images` images).
+    state = new_run(RunSpec(spec.model, config), bench.train_split.head(images),
+                    bench.test_split.head(1), CPU)  # fmt: skip
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     model.train()
     loss_sum, correct, seen, first = 0.0, 0, 0, None
@@ -291,7 +300,7 @@ def reference_eval(bench: Bench, model: nn.Module, images: int) -> Timing:
 
 
 def load_bench(
-    config: TrainConfig,
+    run: RunSpec,
     data_dir: Path,
     *,
     images: int | None,
@@ -301,9 +310,9 @@ def load_bench(
     reference_threads: int | None,
 ) -> tuple[Bench, int]:
     """Read both pipelines' data once; returns the bench and the evaluation image count."""
-    spec = get_spec(config.dataset)
-    train_split = load_split(config.dataset, True, data_dir, download_missing=False)
-    test_split = load_split(config.dataset, False, data_dir, download_missing=False)
+    spec = get_dataset(run.model.dataset)
+    train_split = load_split(spec.name, True, data_dir, download_missing=False)
+    test_split = load_split(spec.name, False, data_dir, download_missing=False)
     for option, value, size in (
         ("--images", images, len(train_split)),
         ("--eval-images", eval_images, len(test_split)),
@@ -311,14 +320,14 @@ def load_bench(
         if value is not None and not 0 < value <= size:
             raise NormcliError(f"{option} must be 1 to {size} for {spec.name}, got {value}")
     bench = Bench(
-        config=config,
+        run=run,
         spec=spec,
         train_split=train_split,
         test_split=test_split,
         reference_train=reference_dataset(spec, data_dir, train=True),
         reference_test=reference_dataset(spec, data_dir, train=False),
         train_images=images or len(train_split),
-        reference_eval_batch_size=reference_eval_batch_size or config.batch_size,
+        reference_eval_batch_size=reference_eval_batch_size or run.train.batch_size,
         workers=workers,
         reference_threads=reference_threads,
     )
@@ -327,7 +336,7 @@ def load_bench(
 
 def warm_up(bench: Bench) -> None:
     """A few batches of each pipeline: one-time costs stay out of the timed rounds."""
-    n = min(WARMUP_BATCHES * bench.config.batch_size, len(bench.train_split))
+    n = min(WARMUP_BATCHES * bench.run.train.batch_size, len(bench.train_split))
     _, model = normcli_train(bench, n)
     normcli_eval(bench, model, min(EVAL_BATCH_SIZE, len(bench.test_split)))
     _, model = reference_train(bench, n)
@@ -360,7 +369,7 @@ def summarize(a: list[Timing], b: list[Timing], target: float | None) -> dict[st
 
 def measure(bench: Bench, eval_images: int, rounds: int, quick: bool = False) -> dict[str, Any]:
     """Warm up, then `rounds` rounds of A, B (training), A, B (evaluation); the summary."""
-    config = bench.config
+    m, config = bench.run.model, bench.run.train
     if not quick:  # a smoke run is all warm-up
         warm_up(bench)
     timings: dict[str, list[Timing]] = {k: [] for k in ("a_train", "b_train", "a_eval", "b_eval")}
@@ -372,16 +381,16 @@ def measure(bench: Bench, eval_images: int, rounds: int, quick: bool = False) ->
         for key, t in zip(timings, (a_train, b_train, a_eval, b_eval), strict=True):
             timings[key].append(t)
         console.print(
-            f"{config.dataset} round {r + 1}/{rounds}: train {a_train.images_per_second:,.0f} vs "
+            f"{m.dataset} round {r + 1}/{rounds}: train {a_train.images_per_second:,.0f} vs "
             f"{b_train.images_per_second:,.0f} img/s, eval {a_eval.images_per_second:,.0f} vs "
             f"{b_eval.images_per_second:,.0f} img/s",
             highlight=False,
         )
     return {
-        "dataset": config.dataset,
-        "model": config.model,
-        "norm": config.norm,
-        "groups": config.groups,
+        "dataset": m.dataset,
+        "model": m.model,
+        "norm": m.norm,
+        "groups": m.groups,
         "batch_size": config.batch_size,
         "channels_last": config.channels_last,
         "normcli_eval_batch_size": EVAL_BATCH_SIZE,
@@ -392,12 +401,12 @@ def measure(bench: Bench, eval_images: int, rounds: int, quick: bool = False) ->
         "train": summarize(
             timings["a_train"],
             timings["b_train"],
-            None if quick else TARGETS.get((config.dataset, "train")),
+            None if quick else TARGETS.get((m.dataset, "train")),
         ),
         "eval": summarize(
             timings["a_eval"],
             timings["b_eval"],
-            None if quick else TARGETS.get((config.dataset, "eval")),
+            None if quick else TARGETS.get((m.dataset, "eval")),
         ),
     }
 
@@ -544,13 +553,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         *_round_rows(report),
         "",
         "- **A (normcli)**: splits in memory as uint8, batches sliced and augmented as whole "
-        "batches (`normcli.data.batches`, `DEFAULT_AUGMENT`), `normcli.train._make_state` + "
-        "`_train_epoch` (SGD Nesterov + one-cycle, channels_last); evaluation "
+        "batches (`normcli.data.batches`, the dataset's augmentation), `normcli.train.new_run` + "
+        "`train_epoch` (SGD Nesterov + one-cycle, channels_last); evaluation "
         f"`normcli.evaluate.evaluate`, batches of {EVAL_BATCH_SIZE}, inference_mode, "
         "channels_last, BatchNorm folded into the preceding convolutions.",
         "- **B (reference)**: `torchvision.datasets.MNIST` / a CIFAR-10 binary dataset "
         "returning PIL images, per-sample `RandomAffine(7, translate=(2/28, 2/28))` (MNIST) or "
-        f"`RandomCrop(32, padding={DEFAULT_AUGMENT['cifar10'].crop_padding})` + "
+        f"`RandomCrop(32, padding={get_dataset('cifar10').augment.crop_padding})` + "
         "`RandomHorizontalFlip()` (CIFAR-10), `ToTensor`, "
         f"`Normalize`; `DataLoader(shuffle=True, num_workers={s['workers']}, "
         "persistent_workers=False)`; same model and initial weights, same optimizer and "
@@ -581,6 +590,9 @@ def write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# Closed choices for --help, from the library's tables.
+DatasetName = Enum("DatasetName", {name: name for name in DATASETS}, type=str)
+Norm = Enum("Norm", {name: name for name in NORMS}, type=str)
 
 
 @app.command()
@@ -591,7 +603,7 @@ def main(
     model: Annotated[
         str | None, typer.Option(help="Registry name; default: the dataset's default model.")
     ] = None,
-    norm: Annotated[Norm, typer.Option(help="Norm of the model in both pipelines.")] = Norm.bn,
+    norm: Annotated[Norm, typer.Option(help="Norm of the model in both pipelines.")] = Norm.bn,  # type: ignore[attr-defined]
     groups: Annotated[int | None, typer.Option(help="Groups for gn (default 4).")] = None,
     batch_size: Annotated[int, typer.Option(help="Training images per step, both.")] = 128,
     rounds: Annotated[int, typer.Option(help=f"A/B rounds, at least {MIN_ROUNDS}.")] = MIN_ROUNDS,
@@ -675,7 +687,7 @@ def run(
     """Measure every dataset in `datasets`; the report as a JSON-able dict."""
     # Every option checked before any data is read or any round runs.
     configs = [
-        TrainConfig(
+        RunSpec.from_options(
             dataset=d, model=model, norm=norm, groups=groups, batch_size=batch_size
         ).resolve()
         for d in datasets
@@ -696,7 +708,7 @@ def run(
         if quick:
             root = Path(tmp)
             for d in datasets:
-                write_tiny(root, d, QUICK_TRAIN, QUICK_TEST)
+                write_synthetic(d, root, QUICK_TRAIN, QUICK_TEST)
         else:
             root = data_dir or Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR)
         results = []

@@ -2,20 +2,21 @@
 
 Tensors: the model's state dict under `model.`, and, for resuming, optimizer
 buffers under `optim.` and RNG states under `rng.`. Metadata (all strings,
-JSON where structured) is validated against `SCHEMA` before anything is built.
+JSON where structured) is checked against `CheckpointMeta`'s type hints before
+anything is built.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import tempfile
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,146 +24,180 @@ from safetensors.torch import save_file
 from torch import nn
 
 from normcli import __version__
+from normcli.config import ModelArgs, RunSpec, TrainArgs, check_type, from_json
 from normcli.data import DATASETS
 from normcli.errors import NormcliError
-from normcli.norms import norm_label
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the run described by model_args + train_args; 1: spread over keys
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a normcli header is a few hundred kB at most
 MAX_FILE_BYTES = 2 * 1024**3
 
-# key -> (JSON-decoded python type(s), required). Values are JSON text in the file.
-SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
-    "format_version": (int, True),
-    "model": (str, True),
-    "norm": (str, True),
-    "groups": ((int, type(None)), True),
-    "weight_standardization": (bool, False),  # absent in files from before it existed
-    "dropout": (float, True),
-    "dataset": (str, True),
-    "class_names": (list, True),
-    "input_shape": (list, True),
-    "mean": (list, True),
-    "std": (list, True),
-    "config": (dict, True),
-    "history": (list, True),
-    "normcli_version": (str, True),
-    "torch_version": (str, True),
-    "created": (str, True),
-    "resume": ((dict, type(None)), False),
-}
-# Every history row (one per epoch) holds at least these numbers.
-HISTORY_KEYS = (
-    "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-    "lr", "seconds", "images_per_second",
-)  # fmt: skip
+
+class _EpochRequired(TypedDict):
+    epoch: int
+    train_loss: float
+    train_accuracy: float  # percent
+    test_loss: float
+    test_accuracy: float  # percent
+    lr: float  # learning rate at the end of the epoch
+    seconds: float  # training time of the epoch, evaluation excluded
+    images_per_second: float
+
+
+class EpochRecord(_EpochRequired, total=False):
+    """One history row: what an epoch measured. The one declaration of the history's keys."""
+
+    val_loss: float  # with a validation split (--val)
+    val_accuracy: float
+
+
+HISTORY_KEYS: tuple[str, ...] = tuple(typing.get_type_hints(EpochRecord))
+
+
+class ResumeState(TypedDict):
+    """What resuming needs besides tensors: how far the run got and the size of an epoch."""
+
+    epoch: int
+    steps_per_epoch: int
 
 
 @dataclass
 class CheckpointMeta:
-    """Everything needed to rebuild, describe and resume a run."""
+    """Everything needed to rebuild, describe and resume a run; each key is stored once, as
+    JSON text, under the field's name."""
 
-    model: str
-    norm: str
-    groups: int | None
-    dropout: float
-    dataset: str
-    class_names: list[str]
+    model_args: ModelArgs  # resolved: rebuilds the network
+    train_args: TrainArgs  # resolved: how it was trained
+    class_names: list[str]  # the dataset's facts, so a file describes itself
     input_shape: list[int]
     mean: list[float]
     std: list[float]
-    config: dict[str, Any]
-    history: list[dict[str, float]] = field(default_factory=list)
-    resume: dict[str, Any] | None = None
-    weight_standardization: bool = False
+    history: list[EpochRecord] = field(default_factory=list)
+    resume: ResumeState | None = None
     format_version: int = FORMAT_VERSION
     normcli_version: str = __version__
     torch_version: str = torch.__version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
-    def l1(self) -> float:
-        return float(self.config.get("l1", 0.0))
+    def dataset(self) -> str:
+        return self.model_args.dataset
+
+    @property
+    def run(self) -> RunSpec:
+        return RunSpec(self.model_args, self.train_args)
 
     @property
     def label(self) -> str:
         """Short run label, e.g. 'BN + L1 (1e-4)', 'GN (G=4) + WS'."""
-        return norm_label(self.norm, self.groups, self.l1, self.weight_standardization)
+        return self.run.label
 
     def to_strings(self) -> dict[str, str]:
-        return {k: json.dumps(v) for k, v in asdict(self).items()}
+        return {k: json.dumps(v, allow_nan=False) for k, v in asdict(self).items()}
 
     @classmethod
     def from_strings(cls, raw: dict[str, str] | None, where: str) -> CheckpointMeta:
         """Parse and validate safetensors metadata; NormcliError names the first problem."""
         if not raw or "format_version" not in raw:
             raise NormcliError(f"{where}: not a normcli checkpoint (no normcli metadata)")
-        values: dict[str, Any] = {}
-        for key, (types, required) in SCHEMA.items():
-            if key not in raw:
-                if required:
-                    raise NormcliError(f"{where}: incomplete normcli metadata, {key!r} missing")
-                continue
-            try:
-                value = json.loads(raw[key])
-            except (ValueError, RecursionError):  # malformed, too deeply nested, huge integers
-                raise NormcliError(f"{where}: metadata {key!r} is not valid JSON") from None
-            if types is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if isinstance(value, bool) is not (types is bool) or not isinstance(value, types):
-                raise NormcliError(f"{where}: metadata {key!r} has the wrong type")
-            values[key] = value
-        if values["format_version"] > FORMAT_VERSION:
-            raise NormcliError(
-                f"{where}: checkpoint format {values['format_version']} is newer than this "
-                f"normcli understands ({FORMAT_VERSION}); upgrade normcli"
-            )
-        if values["format_version"] < 1:
-            raise NormcliError(f"{where}: unknown checkpoint format {values['format_version']}")
-        _check_lists(values, where)
-        _check_dataset(values, where)
-        return cls(**values)
+        values = _decode(raw, where)
+        hints = typing.get_type_hints(cls)
+        known = {k: v for k, v in values.items() if k in hints}
+        for key in _REQUIRED:
+            if key not in known:
+                raise NormcliError(f"{where}: incomplete normcli metadata, {key!r} missing")
+        for key, value in known.items():
+            if problem := check_type(value, hints[key]):
+                raise NormcliError(f"{where}: metadata {key!r} has the wrong type ({problem})")
+            if key in ("model_args", "train_args"):
+                known[key] = from_json(hints[key], value, f"{where}: metadata {key!r}")
+        meta = cls(**known)
+        _check_consistent(meta, where)
+        return meta
 
 
-def _check_lists(values: dict[str, Any], where: str) -> None:
-    def ok(seq: list, kind: type | tuple[type, ...]) -> bool:
-        return all(isinstance(v, kind) and not isinstance(v, bool) for v in seq)
-
-    checks = {
-        "class_names": ok(values["class_names"], str),
-        "input_shape": len(values["input_shape"]) == 3 and ok(values["input_shape"], int),
-        "mean": ok(values["mean"], (int, float)),
-        "std": ok(values["std"], (int, float)) and all(s > 0 for s in values["std"]),
-        "history": ok(values["history"], dict),
-    }
-    for key, good in checks.items():
-        if not good:
-            raise NormcliError(f"{where}: metadata {key!r} has the wrong type")
-    for row in values["history"]:
-        numbers = all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in row.values()
-        )
-        if not numbers or not all(k in row for k in HISTORY_KEYS):
-            raise NormcliError(f"{where}: metadata 'history' has the wrong type")
-
-
-def _check_dataset(values: dict[str, Any], where: str) -> None:
-    """The dataset facts must be the ones normcli knows: they shape inputs and outputs."""
-    spec = DATASETS.get(values["dataset"])
-    if spec is None:
+def _decode(raw: dict[str, str], where: str) -> dict[str, Any]:
+    """Every metadata value parsed as JSON, in the current format (older ones upgraded)."""
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        try:
+            values[key] = json.loads(text)
+        except (ValueError, RecursionError):  # malformed, too deeply nested, huge integers
+            raise NormcliError(f"{where}: metadata {key!r} is not valid JSON") from None
+    version = values["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise NormcliError(f"{where}: unknown checkpoint format {version!r}")
+    if version > FORMAT_VERSION:
         raise NormcliError(
-            f"{where}: unknown dataset {values['dataset']!r}; available: {', '.join(DATASETS)}"
+            f"{where}: checkpoint format {version} is newer than this "
+            f"normcli understands ({FORMAT_VERSION}); upgrade normcli"
         )
+    return _upgrade_v1(values) if version == 1 else values
+
+
+_REQUIRED = tuple(
+    f.name for f in fields(CheckpointMeta)
+    if f.default is MISSING and f.default_factory is MISSING
+) + ("history", "format_version")  # fmt: skip
+METADATA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(CheckpointMeta))
+
+
+def _upgrade_v1(values: dict[str, Any]) -> dict[str, Any]:
+    """Format-1 metadata in format 2. Format 1 spread the model description over top-level
+    keys (ws as `weight_standardization`, absent before it existed: plain convolutions),
+    repeated it in `config` with the training options, and kept the scheduler's own state
+    for resuming; the epoch size is what remains of that."""
+    config = values.get("config")
+    config = config if isinstance(config, dict) else {}
+    model_keys = ("dataset", "model", "norm", "groups", "dropout")
+    model_args = {k: values[k] for k in model_keys if k in values}
+    model_args["ws"] = values.get("weight_standardization", False)
+    if isinstance(values.get("class_names"), list):
+        model_args["num_classes"] = len(values["class_names"])
+    train_args = {k: v for k, v in config.items() if k not in (*model_keys, "ws")}
+    train_args = {"val": 0, "threads": None, **train_args}  # options added in format 2
+    resume = values.get("resume")
+    if isinstance(resume, dict):
+        scheduler = resume.get("scheduler")
+        total = scheduler.get("total_steps") if isinstance(scheduler, dict) else None
+        epochs = train_args.get("epochs")
+        fits = isinstance(total, int) and isinstance(epochs, int) and epochs > 0
+        steps = total // epochs if fits and total % epochs == 0 else None
+        resume = {"epoch": resume.get("epoch"), "steps_per_epoch": steps}
+    kept = ("class_names", "input_shape", "mean", "std", "history",
+            "normcli_version", "torch_version", "created")  # fmt: skip
+    upgraded = {k: values[k] for k in kept if k in values}
+    return {**upgraded, "model_args": model_args, "train_args": train_args,
+            "resume": resume, "format_version": FORMAT_VERSION}  # fmt: skip
+
+
+def _check_consistent(meta: CheckpointMeta, where: str) -> None:
+    """The dataset facts must be the ones normcli knows (they shape inputs and outputs), the
+    run description must be resolved, and the history must count epochs 1, 2, ..."""
+    if meta.dataset not in DATASETS:
+        raise NormcliError(
+            f"{where}: unknown dataset {meta.dataset!r}; available: {', '.join(DATASETS)}"
+        )
+    dataset = DATASETS[meta.dataset]
+    m = meta.model_args
     checks = {
-        "class_names": len(values["class_names"]) == spec.num_classes,
-        "input_shape": tuple(values["input_shape"]) == spec.input_shape,
-        "mean": len(values["mean"]) == spec.input_shape[0],
-        "std": len(values["std"]) == spec.input_shape[0],
+        "class_names": len(meta.class_names) == dataset.num_classes == m.num_classes,
+        "input_shape": tuple(meta.input_shape) == dataset.input_shape,
+        "mean": len(meta.mean) == dataset.input_shape[0],
+        "std": len(meta.std) == dataset.input_shape[0] and all(s > 0 for s in meta.std),
     }
     for key, good in checks.items():
         if not good:
-            raise NormcliError(f"{where}: metadata {key!r} does not fit dataset {spec.name}")
+            raise NormcliError(f"{where}: metadata {key!r} does not fit dataset {dataset.name}")
+    unresolved = [k for k, v in asdict(m).items() if v is None and k != "groups"]
+    unresolved += [
+        k for k, v in asdict(meta.train_args).items() if v is None and k not in ("limit", "threads")
+    ]  # threads: unknown in old files
+    if unresolved:
+        raise NormcliError(f"{where}: metadata leaves {unresolved[0]!r} unset")
+    epochs = [row["epoch"] for row in meta.history]
+    if epochs != list(range(1, len(epochs) + 1)):
+        raise NormcliError(f"{where}: metadata 'history' epochs are not 1, 2, ...")
 
 
 @dataclass
@@ -222,40 +257,34 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMeta:
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Checkpoint:
     """Load a checkpoint and rebuild the exact model from its metadata alone."""
-    from normcli.models import build_model  # models import nothing from here; keep it one-way
-
     path = Path(path)
     raw, tensors = read_file(path)
     meta = CheckpointMeta.from_strings(raw, str(path))
     try:
-        model = build_model(
-            meta.model,
-            norm=meta.norm,
-            groups=meta.groups,
-            dropout=meta.dropout,
-            num_classes=len(meta.class_names),
-            ws=meta.weight_standardization,
-        )
+        model = meta.model_args.build()
     except NormcliError as e:  # say which file holds the bad model description
         raise NormcliError(f"{path}: {e}") from None
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    name = meta.model_args.model
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise NormcliError(f"{path}: tensors do not match model {meta.model} ({what})")
+        raise NormcliError(f"{path}: tensors do not match model {name} ({what})")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise NormcliError(
                 f"{path}: tensor {key!r} has shape {tuple(value.shape)}, "
-                f"model {meta.model} needs {tuple(expected[key].shape)}"
+                f"model {name} needs {tuple(expected[key].shape)}"
             )
         if value.dtype != expected[key].dtype:
             raise NormcliError(
                 f"{path}: tensor {key!r} has dtype {value.dtype}, "
-                f"model {meta.model} needs {expected[key].dtype}"
+                f"model {name} needs {expected[key].dtype}"
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NormcliError(f"{path}: tensor {key!r} holds NaN or infinite values")
     model.load_state_dict(state)
     model.to(device).eval()
     extra = {k: v for k, v in tensors.items() if not k.startswith("model.")}

@@ -6,9 +6,12 @@ errors go to stderr. Errors are mapped to one line and an exit code in `main`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import traceback
+import typing
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from normcli import __version__
+from normcli.config import ModelArgs, RunSpec, TrainArgs
 from normcli.console import stderr
 from normcli.data import DATASETS
 from normcli.errors import NormcliError
@@ -87,38 +91,96 @@ def _root(
         raise typer.Exit()
 
 
-# Options that decide a run; with --resume they come from the checkpoint instead.
-_RUN_OPTIONS = (
-    "dataset", "norm", "groups", "ws", "model", "l1", "epochs", "batch_size", "lr", "momentum",
-    "weight_decay", "dropout", "seed", "augment", "limit", "out", "overwrite",
-)  # fmt: skip
+# The run options, declared once: their names, types and defaults are the fields of the run
+# description (normcli.config); only the help text lives here. `train` takes each option as
+# its type; a sweep takes comma lists of the same options.
+RUN_OPTION_HELP: dict[str, str] = {
+    "dataset": "Dataset to train on.",
+    "model": "Registry name (see `normcli summary --list`). Default: the dataset's.",
+    "norm": "bn, gn (GroupNorm), ln (GroupNorm(1, C)), in, none.",
+    "groups": "Groups for gn (default: the model's, see `normcli summary --list`).",
+    "ws": "Weight-standardized convolutions. Default: on for gn, ln, in; off for bn, none.",
+    "dropout": "Dropout rate (model option). Default: the dataset's (0).",
+    "epochs": "Default: 15 for the 28x28 datasets, 20 for CIFAR.",
+    "batch_size": "Images per step. Default: 64 for 28x28; 32 for CIFAR, 64 with bn.",
+    "lr": "Peak one-cycle learning rate. Default: 0.05 for 28x28, 0.1 for CIFAR.",
+    "momentum": "SGD Nesterov momentum, in [0, 1).",
+    "weight_decay": "SGD weight decay. Default: 0 for 28x28, 5e-5 for CIFAR.",
+    "l1": "L1 lambda: adds lambda * sum|w| to the loss.",
+    "seed": "Seed for init, data order, augmentation and the validation split.",
+    "augment": "The dataset's batch augmentation, on the device.",
+    "limit": "Use only the first N images of each split.",
+    "val": "Hold out N training images (chosen by the seed) as a validation split.",
+    "channels_last": "channels_last memory layout for training.",
+    "threads": "CPU threads. Default: torch's (all cores, or $OMP_NUM_THREADS); recorded.",
+}
+_CHOICES: dict[str, type[Enum]] = {"dataset": Dataset, "norm": Norm}
+
+
+def run_option_parameters(as_lists: bool = False) -> list[inspect.Parameter]:
+    """The run options as keyword parameters for a Typer command (typed from the run
+    description's type hints); `as_lists`: each takes a comma-separated list instead."""
+    hints = {**typing.get_type_hints(ModelArgs), **typing.get_type_hints(TrainArgs)}
+    defaults = RunSpec().options()
+    params = []
+    for name, help_text in RUN_OPTION_HELP.items():
+        kind, default = _CHOICES.get(name, hints[name]), defaults[name]
+        if name in _CHOICES and default is not None:
+            default = _CHOICES[name](default)
+        decls = [f"--{name.replace('_', '-')}"]
+        if typing.get_args(kind) == (bool, type(None)) or kind is bool:
+            decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
+        if as_lists:
+            kind, default, decls = (
+                str | None,
+                None,
+                decls[:1] if "/" not in decls[0] else [f"--{name.replace('_', '-')}"],
+            )
+        option = typer.Option(*decls, help=help_text, show_default=default is not None)
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option],
+            default=default,
+        ))  # fmt: skip
+    return params
+
+
+def with_run_options(as_lists: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the command also takes every run option (Typer reads `__signature__`)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = sig.replace(parameters=[*own, *run_option_parameters(as_lists)])
+        return fn
+
+    return decorate
+
+
+def spec_from_options(options: dict[str, Any]) -> RunSpec:
+    """The run description from parsed option values."""
+    values = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
+    return RunSpec.from_options(**values).resolve()
+
+
+# Parameters whose name opens a library message: the CLI shows them as the flags users typed.
+_FLAG_NAMES = frozenset({*RUN_OPTION_HELP, "n", "cols", "device"})
+
+
+def as_flags(message: str) -> str:
+    """A library message that starts with a parameter's name, with the flag instead."""
+    first, _, rest = message.partition(" ")
+    if first in _FLAG_NAMES and rest:
+        return f"--{first.replace('_', '-')} {rest}"
+    return message
+
+
+_NOT_WITH_RESUME = (*RUN_OPTION_HELP, "out", "overwrite")
 
 
 @app.command()
+@with_run_options()
 def train(
     ctx: typer.Context,
-    dataset: Annotated[Dataset, typer.Option(help="Dataset to train on.")] = Dataset.mnist,
-    norm: NormOpt = Norm.bn,
-    groups: GroupsOpt = None,
-    ws: WsOpt = None,
-    model: ModelOpt = None,
-    l1: Annotated[float, typer.Option(help="L1 lambda: adds lambda * sum|w| to the loss.")] = 0.0,
-    epochs: Annotated[int | None, typer.Option(help="Default: 15 mnist, 20 cifar10.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per step. Default: 64 mnist; 32 cifar10, 64 with bn.")
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Peak one-cycle learning rate. Default: 0.05 mnist, 0.1 cifar10."),
-    ] = None,
-    momentum: Annotated[float, typer.Option(help="SGD Nesterov momentum.")] = 0.9,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="SGD weight decay. Default: 0 mnist, 5e-5 cifar10.")
-    ] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout rate (model option).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for init, data order, augmentation.")] = 1,
-    augment: Annotated[bool, typer.Option(help="Batch augmentation on the device.")] = True,
-    limit: LimitOpt = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = Device.auto,
     out: Annotated[
@@ -128,45 +190,43 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its checkpoint.")
     ] = None,
+    **options: Any,
 ) -> None:
     """Train a model; prints the checkpoint path on stdout."""
     from normcli.console import ProgressReporter
-    from normcli.train import TrainConfig, resume_training
+    from normcli.train import resume_training
     from normcli.train import train as run_training
 
     if resume is not None:
         given = [
             "/".join(param.opts + param.secondary_opts)  # --ws/--no-ws names both spellings
             for param in ctx.command.params
-            if param.name in _RUN_OPTIONS
+            if param.name in _NOT_WITH_RESUME
             and getattr(ctx.get_parameter_source(param.name), "name", "") == "COMMANDLINE"
         ]
         if given:
             raise NormcliError(
                 f"--resume takes its settings from the checkpoint; drop {', '.join(given)}"
             )
+    else:
+        spec = spec_from_options(options)
     with ProgressReporter() as reporter:
         if resume is not None:
             result = resume_training(
                 resume, data_dir=data_dir, device=device.value, reporter=reporter
             )
         else:
-            config = TrainConfig(
-                dataset=dataset.value, model=model, norm=norm.value, groups=groups,
-                ws=ws, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
-                momentum=momentum, weight_decay=weight_decay, l1=l1, seed=seed,
-                augment=augment, limit=limit,
-            )  # fmt: skip
             result = run_training(
-                config, data_dir=data_dir, device=device.value, out=out,
+                spec, data_dir=data_dir, device=device.value, out=out,
                 overwrite=overwrite, reporter=reporter,
             )  # fmt: skip
     if result.history:
         last = result.history[-1]
         best = max(r["test_accuracy"] for r in result.history)
+        epochs = len(result.history)
         stderr.print(
             f"{result.params:,} params; final test accuracy {last['test_accuracy']:.2f}% "
-            f"(best {best:.2f}%) after {len(result.history)} epochs",
+            f"(best {best:.2f}%) after {epochs} epoch{'s' if epochs != 1 else ''}",
             highlight=False,
         )
     print(result.path)
@@ -389,18 +449,19 @@ def summary(
             return
         print_table(
             "Model registry (parameters per norm)",
-            ["model", "dataset", "default", *[f"params {n}" for n in rows[0]["params"]],
+            ["model", "datasets", "default", *[f"params {n}" for n in rows[0]["params"]],
              "gn groups", "valid groups"],
-            [(r["name"], r["dataset"], "yes" if r["default"] else "", *r["params"].values(),
-              r["default_groups"], " ".join(map(str, r["valid_groups"]))) for r in rows],
+            [(r["name"], " ".join(r["datasets"]), "yes" if r["default"] else "",
+              *r["params"].values(), r["default_groups"], " ".join(map(str, r["valid_groups"])))
+             for r in rows],
         )  # fmt: skip
         return
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         name, norm_name, group_count, net = (
-            ckpt.meta.model,
-            ckpt.meta.norm,
-            ckpt.meta.groups,
+            ckpt.meta.model_args.model,
+            ckpt.meta.model_args.norm,
+            ckpt.meta.model_args.groups,
             ckpt.model,
         )
     elif model is not None:
@@ -410,7 +471,7 @@ def summary(
     else:
         raise NormcliError("give a checkpoint, --model NAME, or --list")
     if compare:
-        counts = params_per_norm(name, group_count if norm_name == "gn" else None)
+        counts = params_per_norm(name, group_count)
         if json_:
             _print_json({"model": name, "params": counts})
         else:
@@ -433,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args=args, prog_name="normcli", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except NormcliError as e:
-        _fail(str(e))
+        _fail(as_flags(str(e)))
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code

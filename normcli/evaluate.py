@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from normcli.checkpoint import Checkpoint
-from normcli.data import DatasetSpec, Split, batches, get_spec, load_split
+from normcli.data import Dataset, Split, batches, get_dataset, load_split
 from normcli.errors import NormcliError
 from normcli.models import count_params
 
@@ -26,11 +26,11 @@ EVAL_BATCH_SIZE = 256
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, split: Split, spec: DatasetSpec, batch_size: int = EVAL_BATCH_SIZE
+    model: nn.Module, split: Split, spec: Dataset, batch_size: int = EVAL_BATCH_SIZE
 ) -> torch.Tensor:
     """Logits of `model` (put in eval mode) for every image of `split`, in order, on the CPU."""
     if batch_size <= 0:
-        raise NormcliError(f"--batch-size must be positive, got {batch_size}")
+        raise NormcliError(f"batch_size must be positive, got {batch_size}")
     model.eval()
     memory_format = _memory_format(model)
     model = fold_batchnorm(model)
@@ -117,7 +117,7 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Met
 
 
 def evaluate(
-    model: nn.Module, split: Split, spec: DatasetSpec, batch_size: int = EVAL_BATCH_SIZE
+    model: nn.Module, split: Split, spec: Dataset, batch_size: int = EVAL_BATCH_SIZE
 ) -> Metrics:
     """Metrics of `model` on a whole split."""
     return metrics(predict(model, split, spec, batch_size), split.labels, spec.num_classes)
@@ -186,20 +186,20 @@ def test_splits(
 
 def report(ckpt: Checkpoint, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> CheckpointReport:
     """Evaluate a loaded checkpoint on its dataset's test split and describe it."""
-    meta = ckpt.meta
-    spec = get_spec(meta.dataset)
+    meta, m = ckpt.meta, ckpt.meta.model_args
+    spec = get_dataset(meta.dataset)
     result = evaluate(ckpt.model.to(split.images.device), split, spec, batch_size)
     accs = [row["test_accuracy"] for row in meta.history]
     secs = [row["seconds"] for row in meta.history if "seconds" in row]
     return CheckpointReport(
         name=ckpt.path.stem,
         path=str(ckpt.path),
-        model=meta.model,
+        model=m.model,
         dataset=meta.dataset,
-        norm=meta.norm,
-        groups=meta.groups,
-        ws=meta.weight_standardization,
-        l1=meta.l1,
+        norm=m.norm,
+        groups=m.groups,
+        ws=m.ws,
+        l1=meta.train_args.l1,
         label=meta.label,
         params=count_params(ckpt.model),
         epochs=len(meta.history),

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from normcli.data import DATASETS, get_dataset
 from normcli.errors import NormcliError
 from normcli.norms import (
     DEFAULT_GROUPS,
     NormLayer,
     check_norm,
     conv_layer,
+    get_norm,
     get_norm_layer,
     resolve_ws,
 )
@@ -28,40 +30,49 @@ from normcli.norms import (
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Registry record: the builder and the facts summaries need."""
+    """Registry record: the builder and the facts summaries need. A model serves every dataset
+    whose images have its `input_shape`; its head is sized to the dataset's class count."""
 
     name: str
-    dataset: str
+    input_shape: tuple[int, int, int]  # (C, H, W) the network accepts
     builder: Callable[..., nn.Module]
-    default: bool
+    default: bool  # the default model for datasets of this input shape
     description: str
-    default_groups: int = DEFAULT_GROUPS  # GroupNorm groups when --groups is not given
+    default_groups: int = DEFAULT_GROUPS  # GroupNorm groups when none are given
+
+    def accepts(self, dataset: str) -> bool:
+        """Whether this model takes the images of `dataset`."""
+        return get_dataset(dataset).input_shape == self.input_shape
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register(
-    name: str, *, dataset: str, default: bool = False, default_groups: int = DEFAULT_GROUPS
+    name: str,
+    *,
+    input_shape: tuple[int, int, int],
+    default: bool = False,
+    default_groups: int = DEFAULT_GROUPS,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a builder `fn(*, norm_layer, conv_layer, num_classes, dropout)`."""
 
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        if default and any(m.default and m.dataset == dataset for m in _REGISTRY.values()):
-            raise ValueError(f"dataset {dataset!r} already has a default model")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        description = doc[0] if doc else ""
-        _REGISTRY[name] = ModelInfo(name, dataset, fn, default, description, default_groups)
+        if default and any(m.default and m.input_shape == input_shape for m in _REGISTRY.values()):
+            raise ValueError(f"input shape {input_shape} already has a default model")
+        doc = (fn.__doc__ or "").strip().split("\n\n")[0]
+        description = " ".join(doc.split())
+        _REGISTRY[name] = ModelInfo(name, input_shape, fn, default, description, default_groups)
         return fn
 
     return decorate
 
 
 def list_models(dataset: str | None = None) -> list[str]:
-    """Registered model names, optionally only those for `dataset`."""
-    return sorted(n for n, m in _REGISTRY.items() if dataset in (None, m.dataset))
+    """Registered model names, optionally only those that accept `dataset`'s images."""
+    return sorted(n for n, m in _REGISTRY.items() if dataset is None or m.accepts(dataset))
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -75,11 +86,24 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def default_model(dataset: str) -> str:
-    """The default model name for `dataset`."""
+    """The default model for `dataset`: the default one among those accepting its images."""
     for info in _REGISTRY.values():
-        if info.default and info.dataset == dataset:
+        if info.default and info.accepts(dataset):
             return info.name
-    raise NormcliError(f"no default model for dataset {dataset!r}")
+    shape = get_dataset(dataset).input_shape
+    raise NormcliError(f"no registered model takes {dataset} images of shape {shape}")
+
+
+def check_model_fits(name: str, dataset: str) -> None:
+    """Refuse a model that does not take `dataset`'s images."""
+    info = get_model_info(name)
+    if not info.accepts(dataset):
+        fits = ", ".join(list_models(dataset)) or "none"
+        serves = ", ".join(d for d in DATASETS if info.accepts(d))
+        raise NormcliError(
+            f"model {name} takes images of shape {info.input_shape} ({serves}), not {dataset}'s "
+            f"{get_dataset(dataset).input_shape}; models for {dataset}: {fits}"
+        )
 
 
 def norm_channels(name: str) -> dict[str, int]:
@@ -103,7 +127,7 @@ def check_groups(name: str, groups: int) -> None:
         if channels % groups:
             valid = ", ".join(map(str, valid_groups(name)))
             raise NormcliError(
-                f"--groups {groups} does not divide the {channels} channels of layer "
+                f"groups {groups} does not divide the {channels} channels of layer "
                 f"{layer!r} in {name}; valid group counts: {valid}"
             )
 
@@ -111,7 +135,7 @@ def check_groups(name: str, groups: int) -> None:
 def resolve_groups(name: str, norm: str, groups: int | None) -> int | None:
     """The group count `norm` gets in model `name`: `groups`, checked against its channels,
     or the model's default for gn; None for norms without groups."""
-    if groups is None and check_norm(norm, None) is not None:
+    if groups is None and get_norm(norm).takes_groups:
         groups = get_model_info(name).default_groups
     groups = check_norm(norm, groups)
     if groups is not None:
@@ -133,7 +157,7 @@ def build_model(
     builder = get_model_info(name).builder
     groups = resolve_groups(name, norm, groups)
     if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise NormcliError(f"--dropout must be in [0, 1), got {dropout}")
+        raise NormcliError(f"dropout must be in [0, 1), got {dropout}")
     kwargs = {"dropout": dropout, "num_classes": num_classes}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     conv = conv_layer(resolve_ws(norm, ws))
@@ -192,7 +216,7 @@ class Classifier(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-@register("mnist_net", dataset="mnist", default=True)
+@register("mnist_net", input_shape=(1, 28, 28), default=True)
 def mnist_net(
     *,
     norm_layer: NormLayer,
@@ -200,7 +224,8 @@ def mnist_net(
     num_classes: int = 10,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """MNIST CNN, 8.9k parameters: two 3x3 convs, max-pool, 1x1 squeeze, four 3x3 convs, GAP."""
+    """28x28 grey-scale CNN (MNIST, Fashion-MNIST, KMNIST), 8.9k parameters: two 3x3 convs,
+    max-pool, 1x1 squeeze, four 3x3 convs, global average pooling."""
 
     def block(cin: int, cout: int, drop: float = dropout, **kw: int) -> ConvBlock:
         return ConvBlock(cin, cout, norm_layer, conv_layer=conv_layer, dropout=drop, **kw)
@@ -220,7 +245,7 @@ def mnist_net(
 
 # GroupNorm groups for cifar_net: 2 (8 of 16 channels per group up to 22 of 44) measured
 # 80.5% against 79.9% with 4 (20 epochs; on cifar_net_p4 80.4% against 80.0%).
-@register("cifar_net", dataset="cifar10", default=True, default_groups=2)
+@register("cifar_net", input_shape=(3, 32, 32), default=True, default_groups=2)
 def cifar_net(
     *,
     norm_layer: NormLayer,
@@ -228,12 +253,13 @@ def cifar_net(
     num_classes: int = 10,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """CIFAR-10 CNN, 49.8k parameters: 3x3 convs at 32x32 (16 channels), 16x16 (16-32) and
-    8x8 (32-44-44), max-pools between, GAP over the 8x8 map."""
+    """32x32 colour CNN (CIFAR-10, CIFAR-100), 49.8k parameters with 10 classes: 3x3 convs
+    at 32x32 (16 channels), 16x16 (16-32) and 8x8 (32-44-44), max-pools between, global average
+    pooling over the 8x8 map."""
     return _cifar_net(norm_layer, conv_layer, num_classes, dropout, last_at_4x4=False)
 
 
-@register("cifar_net_p4", dataset="cifar10")
+@register("cifar_net_p4", input_shape=(3, 32, 32))
 def cifar_net_p4(
     *,
     norm_layer: NormLayer,

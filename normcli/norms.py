@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -32,19 +33,40 @@ def _no_norm(num_channels: int) -> nn.Identity:
     return nn.Identity()
 
 
-# name -> (factory, takes a group count, human label)
-NORMS: dict[str, tuple[Callable[..., nn.Module], bool, str]] = {
-    "bn": (nn.BatchNorm2d, False, "BatchNorm"),
-    "gn": (_group_norm, True, "GroupNorm"),
-    "ln": (_layer_norm, False, "LayerNorm"),
-    "in": (_instance_norm, False, "InstanceNorm"),
-    "none": (_no_norm, False, "no norm"),
+@dataclass(frozen=True)
+class Norm:
+    """One norm: how to build it and how to name it. Adding a norm is one entry in `NORMS`."""
+
+    name: str  # the short name users type
+    factory: Callable[..., nn.Module]  # factory(num_channels[, groups=G]) -> layer
+    label: str  # short label in tables and legends, e.g. "GN"
+    title: str  # human name, e.g. "GroupNorm"
+    takes_groups: bool = False  # GroupNorm: the factory needs groups=G
+    ws_default: bool = False  # weight-standardized convolutions unless told otherwise
+    uses_batch_statistics: bool = False  # normalizes over the batch (BatchNorm)
+
+
+# The per-image norms weight-standardize their convolutions by default: they learn much more
+# slowly than BatchNorm without it on these small CNNs (Qiao et al., 2019; the README's
+# Results section has the --ws / --no-ws measurement).
+NORMS: dict[str, Norm] = {
+    n.name: n
+    for n in (
+        Norm("bn", nn.BatchNorm2d, "BN", "BatchNorm", uses_batch_statistics=True),
+        Norm("gn", _group_norm, "GN", "GroupNorm", takes_groups=True, ws_default=True),
+        Norm("ln", _layer_norm, "LN", "LayerNorm", ws_default=True),
+        Norm("in", _instance_norm, "IN", "InstanceNorm", ws_default=True),
+        Norm("none", _no_norm, "NONE", "no norm"),
+    )
 }
 
-# Norms whose convolutions are weight-standardized unless told otherwise: the per-image
-# norms, which learn much more slowly than BatchNorm without it on these small CNNs (Qiao et
-# al., 2019; the README's Results section has the --ws / --no-ws measurement).
-WS_BY_DEFAULT = frozenset({"gn", "ln", "in"})
+
+def get_norm(name: str) -> Norm:
+    """The record of norm `name`; the error lists the valid names."""
+    try:
+        return NORMS[name]
+    except KeyError:
+        raise NormcliError(f"unknown norm {name!r}; available: {', '.join(NORMS)}") from None
 
 
 class WSConv2d(nn.Conv2d):
@@ -67,7 +89,7 @@ def standardize(weight: torch.Tensor, eps: float = WSConv2d.eps) -> torch.Tensor
 
 def resolve_ws(norm: str, ws: bool | None) -> bool:
     """Whether convolutions are weight-standardized: `ws`, or the norm's default when None."""
-    return norm in WS_BY_DEFAULT if ws is None else ws
+    return get_norm(norm).ws_default if ws is None else ws
 
 
 def conv_layer(ws: bool) -> type[nn.Conv2d]:
@@ -77,31 +99,30 @@ def conv_layer(ws: bool) -> type[nn.Conv2d]:
 
 def check_norm(norm: str, groups: int | None) -> int | None:
     """Validate a (norm, groups) pair; returns the group count to use (None for non-gn)."""
-    if norm not in NORMS:
-        raise NormcliError(f"unknown norm {norm!r}; available: {', '.join(NORMS)}")
-    takes_groups = NORMS[norm][1]
-    if not takes_groups:
+    if not get_norm(norm).takes_groups:
         if groups is not None:
-            raise NormcliError(f"--groups applies to gn only, not to {norm}")
+            takers = ", ".join(n.name for n in NORMS.values() if n.takes_groups)
+            raise NormcliError(f"groups apply to {takers} only, not to {norm}")
         return None
     if groups is None:
         return DEFAULT_GROUPS
     if groups < 1:
-        raise NormcliError(f"--groups must be a positive integer, got {groups}")
+        raise NormcliError(f"groups must be a positive integer, got {groups}")
     return groups
 
 
 def get_norm_layer(norm: str, groups: int | None = None) -> NormLayer:
     """The layer factory for `norm`: call it with a channel count to get a layer."""
     groups = check_norm(norm, groups)
-    factory = NORMS[norm][0]
+    factory = NORMS[norm].factory
     return partial(factory, groups=groups) if groups is not None else factory
 
 
 def norm_label(norm: str, groups: int | None = None, l1: float = 0.0, ws: bool = False) -> str:
     """Short human label, e.g. 'BN + L1 (1e-4)', 'GN (G=2) + WS', 'LN'."""
-    label = norm.upper()
-    if norm == "gn" and groups is not None:
+    record = get_norm(norm)
+    label = record.label
+    if record.takes_groups and groups is not None:
         label += f" (G={groups})"
     if ws:
         label += " + WS"

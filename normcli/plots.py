@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from normcli.checkpoint import Checkpoint, CheckpointMeta, atomic_write
-from normcli.data import Split, denormalize, get_spec, normalize
+from normcli.data import Split, denormalize, get_dataset, normalize
 from normcli.evaluate import EVAL_BATCH_SIZE, Mistake, find_misclassified, predict
 
 # history key -> (axis label with unit, title)
@@ -131,7 +131,7 @@ def run_labels(metas: Sequence[CheckpointMeta], paths: Sequence[Path]) -> list[s
 def default_title(metas: Sequence[CheckpointMeta]) -> str:
     """'MNIST (mnist_net)' from the runs' datasets and models."""
     datasets = sorted({m.dataset.upper() for m in metas})
-    models = sorted({m.model for m in metas})
+    models = sorted({m.model_args.model for m in metas})
     return f"{', '.join(datasets)} ({', '.join(models)})"
 
 
@@ -146,7 +146,7 @@ def write_misclassified_grid(
     batch_size: int = EVAL_BATCH_SIZE,
 ) -> list[Mistake]:
     """Find misclassified test images and save them as one annotated grid; returns them."""
-    meta, spec = ckpt.meta, get_spec(ckpt.meta.dataset)
+    meta, spec = ckpt.meta, get_dataset(ckpt.meta.dataset)
     device = split.images.device
     logits = predict(ckpt.model.to(device), split, spec, batch_size)
     mistakes = find_misclassified(logits, split.labels, n, sort)
@@ -155,7 +155,8 @@ def write_misclassified_grid(
     images = denormalize(normalize(split.images.cpu()[index], spec), spec)
     which = "first" if sort == "index" else "most confidently"
     title = (
-        f"{meta.model} · {meta.label} · {meta.dataset.upper()}: {which} misclassified test images"
+        f"{meta.model_args.model} · {meta.label} · {meta.dataset.upper()}: "
+        f"{which} misclassified test images"
     )
     fig = misclassified_figure(images, mistakes, meta.class_names, min(cols, n), title)
     save_figure(fig, path)

@@ -8,9 +8,9 @@ from typing import Any
 import torchinfo
 from torch import nn
 
-from normcli.data import get_spec
+from normcli.data import DATASETS
 from normcli.models import build_model, count_params, get_model_info, list_models, valid_groups
-from normcli.norms import NORMS
+from normcli.norms import NORMS, get_norm
 
 COLUMNS = ("output_size", "num_params", "mult_adds")
 
@@ -53,7 +53,7 @@ class LayerSummary:
 
 def layer_summary(model: nn.Module, name: str, norm: str, groups: int | None) -> LayerSummary:
     """torchinfo table of `model` (registry name `name`) on one image of its dataset's shape."""
-    shape = (1, *get_spec(get_model_info(name).dataset).input_shape)
+    shape = (1, *get_model_info(name).input_shape)
     stats = torchinfo.summary(
         model, input_size=shape, col_names=COLUMNS, depth=3, verbose=0, device="cpu"
     )
@@ -63,20 +63,29 @@ def layer_summary(model: nn.Module, name: str, norm: str, groups: int | None) ->
 def params_per_norm(name: str, groups: int | None = None) -> dict[str, int]:
     """Trainable parameter count of model `name` for every norm."""
     return {
-        norm: count_params(build_model(name, norm=norm, groups=groups if norm == "gn" else None))
+        norm: count_params(
+            build_model(name, norm=norm, groups=groups if get_norm(norm).takes_groups else None)
+        )
         for norm in NORMS
     }
 
 
 def registry_table() -> list[dict[str, Any]]:
-    """One record per registered model: dataset, default flag, params per norm, valid groups."""
+    """One record per registered model: input shape, the datasets it serves, default flag,
+    params per norm (10 classes) and per dataset served (bn), valid groups."""
     rows = []
     for name in list_models():
         info = get_model_info(name)
+        served = [d for d in DATASETS if info.accepts(d)]
         rows.append(
             {
                 "name": name,
-                "dataset": info.dataset,
+                "input_shape": list(info.input_shape),
+                "datasets": served,
+                "params_per_dataset": {
+                    d: count_params(build_model(name, num_classes=DATASETS[d].num_classes))
+                    for d in served
+                },
                 "default": info.default,
                 "params": params_per_norm(name),
                 "default_groups": info.default_groups,

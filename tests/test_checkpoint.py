@@ -13,7 +13,7 @@ from torch import nn
 
 from normcli import checkpoint
 from normcli.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
-from normcli.data import get_spec
+from normcli.data import get_dataset
 from normcli.errors import NormcliError
 from normcli.models import build_model, get_model_info
 
@@ -37,7 +37,7 @@ def _history(epochs: int) -> list[dict[str, float]]:
 def _meta(
     name: str, norm: str, groups: int | None, dropout: float, ws: bool = False
 ) -> CheckpointMeta:
-    spec = get_spec(get_model_info(name).dataset)
+    spec = get_dataset(get_model_info(name).dataset)
     return CheckpointMeta(
         model=name,
         norm=norm,
@@ -65,7 +65,7 @@ def _trained_model(
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     model.train()
-    shape = get_spec(get_model_info(name).dataset).input_shape
+    shape = get_dataset(get_model_info(name).dataset).input_shape
     with torch.no_grad():
         for _ in range(3):  # updates BN running_mean / running_var / num_batches_tracked
             model(torch.randn(8, *shape) * 2 + 0.5)
@@ -117,7 +117,7 @@ def test_round_trip_keeps_weights_buffers_metadata_and_outputs(
             assert isinstance(getattr(meta, f.name), type(getattr(read, f.name))), f.name
 
     assert not loaded.model.training
-    x = torch.randn(5, *get_spec(meta.dataset).input_shape)
+    x = torch.randn(5, *get_dataset(meta.dataset).input_shape)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model(x))
 
@@ -220,7 +220,7 @@ def test_a_file_from_before_weight_standardization_loads_with_plain_convs(tmp_pa
     save_file(tensors, str(path), metadata=raw)
 
     loaded = load_checkpoint(path)
-    assert loaded.meta.weight_standardization is False
+    assert loaded.meta.model_args.ws is False
     assert {type(m) for m in loaded.model.modules() if isinstance(m, nn.Conv2d)} == {nn.Conv2d}
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():

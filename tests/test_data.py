@@ -22,7 +22,7 @@ from normcli.data import (
     Augment,
     batches,
     denormalize,
-    get_spec,
+    get_dataset,
     load_split,
     normalize,
     random_affine,
@@ -427,7 +427,7 @@ def test_limit_must_be_positive(tmp_path: Path, limit: int) -> None:
 
 def test_unknown_dataset_lists_the_valid_names() -> None:
     with pytest.raises(NormcliError, match="mnist.*cifar10"):
-        get_spec("imagenet")
+        get_dataset("imagenet")
 
 
 # ---------------------------------------------------------------------------
@@ -436,7 +436,7 @@ def test_unknown_dataset_lists_the_valid_names() -> None:
 
 
 def test_normalize_uses_the_dataset_constants() -> None:
-    spec = get_spec("cifar10")
+    spec = get_dataset("cifar10")
     images = _random_uint8((2, 3, 4, 4), seed=3)
     x = normalize(images, spec)
     for c in range(3):
@@ -447,7 +447,7 @@ def test_normalize_uses_the_dataset_constants() -> None:
 
 
 def test_batches_cover_the_split_in_order_or_shuffled() -> None:
-    spec = get_spec("mnist")
+    spec = get_dataset("mnist")
     split = data.Split(_random_uint8((25, 1, 28, 28), seed=4), _random_labels(25, seed=4))
 
     plain = list(batches(split, spec, 10))
@@ -477,9 +477,9 @@ def _float_batch(n: int, c: int = 3, size: int = 8, seed: int = 0) -> torch.Tens
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_default_augmentation_keeps_shape_and_dtype(dataset: str) -> None:
-    spec = get_spec(dataset)
+    spec = get_dataset(dataset)
     x = _float_batch(6, *spec.input_shape[:2])
-    y = data.DEFAULT_AUGMENT[dataset](x, torch.Generator().manual_seed(0))
+    y = get_dataset(dataset).augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.dtype == x.dtype
     assert not torch.equal(y, x)
 

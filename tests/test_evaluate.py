@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from normcli.data import Split, get_spec
+from normcli.data import Split, get_dataset
 from normcli.evaluate import _memory_format, fold_batchnorm, predict
 from normcli.models import build_model
 
@@ -70,7 +70,7 @@ def test_predict_runs_in_the_models_layout_and_matches_a_plain_forward(
     assert _memory_format(model) == layout
     strides = [p.stride() for p in model.parameters()]
     split = Split(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.zeros(40))
-    spec = get_spec("mnist")
+    spec = get_dataset("mnist")
 
     logits = predict(model, split, spec, batch_size=16)
 

@@ -29,7 +29,7 @@ def test_compare_norms_script(tiny_data, tmp_path):
         meta = read_metadata(out / f"{name}.safetensors")
         assert len(meta.history) == 1
         assert (out / f"misclassified_{name}.png").read_bytes().startswith(b"\x89PNG")
-    assert read_metadata(out / "bn_l1.safetensors").l1 == 1e-4
+    assert read_metadata(out / "bn_l1.safetensors").train_args.l1 == 1e-4
     for figure in ("curves.png", "test_loss.png", "test_accuracy.png"):
         assert (out / figure).read_bytes().startswith(b"\x89PNG")
     reports = json.loads((out / "eval.json").read_text())
@@ -55,7 +55,7 @@ def test_every_committed_checkpoint_still_loads_and_runs(path: Path) -> None:
     with torch.no_grad():
         logits = ckpt.model.eval()(torch.zeros(2, *ckpt.meta.input_shape))
     assert logits.shape == (2, len(ckpt.meta.class_names))
-    assert len(ckpt.meta.history) == ckpt.meta.config["epochs"]
+    assert len(ckpt.meta.history) == ckpt.meta.train_args.epochs
 
 
 def test_study_checkpoints_are_committed() -> None:

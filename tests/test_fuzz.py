@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from normcli.checkpoint import SCHEMA, load_checkpoint, read_file, read_metadata
+from normcli.checkpoint import METADATA_KEYS, load_checkpoint, read_file, read_metadata
 from normcli.errors import NormcliError
 from normcli.train import resume_training
 
@@ -217,7 +217,7 @@ metadata_text = json_values.map(json.dumps) | st.text(max_size=20)
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(key=st.sampled_from(sorted(SCHEMA)), text=metadata_text)
+@given(key=st.sampled_from(sorted(METADATA_KEYS)), text=metadata_text)
 def test_arbitrary_metadata_values_load_or_fail_cleanly(
     key: str, text: str, tiny_checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:

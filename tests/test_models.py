@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from normcli.data import get_spec
+from normcli.config import RunSpec
+from normcli.data import get_dataset
 from normcli.errors import NormcliError
 from normcli.models import (
     build_model,
@@ -23,15 +24,19 @@ from normcli.models import (
     valid_groups,
 )
 from normcli.norms import WSConv2d
-from normcli.train import TrainConfig
 
 NORMS = ["bn", "gn", "ln", "in", "none"]
 MODELS = list_models()
-BUDGET = {"mnist": 10_000, "cifar10": 50_000}  # parameters, for every norm
+BUDGET = {(1, 28, 28): 10_000, (3, 32, 32): 50_000}  # parameters by input, for every norm
+
+
+def default_dataset(shape: tuple[int, int, int]) -> str:
+    """The study's dataset of images of `shape`: mnist or cifar10."""
+    return {(1, 28, 28): "mnist", (3, 32, 32): "cifar10"}[shape]
 
 
 def _input(name: str, n: int = 3, seed: int = 0) -> torch.Tensor:
-    shape = get_spec(get_model_info(name).dataset).input_shape
+    shape = get_model_info(name).input_shape
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -59,7 +64,7 @@ def test_registry_has_models_for_both_datasets() -> None:
         names = list_models(dataset)
         assert names, dataset
         assert default_model(dataset) in names
-        assert all(get_model_info(n).dataset == dataset for n in names)
+        assert all(get_model_info(n).accepts(dataset) for n in names)
     assert sorted(list_models("mnist") + list_models("cifar10")) == MODELS
 
 
@@ -73,19 +78,20 @@ def test_unknown_model_lists_the_valid_names() -> None:
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", MODELS)
 def test_every_norm_in_every_model_runs_and_fits_the_budget(name: str, norm: str) -> None:
-    dataset = get_model_info(name).dataset
+    shape = get_model_info(name).input_shape
+    dataset = default_dataset(shape)
     model = build_model(name, norm=norm)
     x = _input(name, n=4)
 
     for mode in (model.train, model.eval):
         mode()
         logits = model(x)
-        assert logits.shape == (4, get_spec(dataset).num_classes) == (4, 10)
+        assert logits.shape == (4, get_dataset(dataset).num_classes) == (4, 10)
         assert torch.isfinite(logits).all()
 
     params = sum(p.numel() for p in model.parameters())
     assert params == count_params(model)
-    assert params < BUDGET[dataset], f"{name} with {norm}: {params} parameters"
+    assert params < BUDGET[shape], f"{name} with {norm}: {params} parameters"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -136,7 +142,7 @@ def test_valid_groups_are_exactly_the_common_divisors(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_every_group_count_is_accepted_or_refused_naming_the_layer(name: str) -> None:
     channels = _measured_norm_channels(name)
-    budget = BUDGET[get_model_info(name).dataset]
+    budget = BUDGET[get_model_info(name).input_shape]
     for groups in range(1, max(channels.values()) + 2):
         if all(c % groups == 0 for c in channels.values()):
             model = build_model(name, norm="gn", groups=groups)
@@ -163,11 +169,12 @@ def test_default_groups_are_the_models_and_resolve_into_the_config() -> None:
     for dataset, name, groups in (("mnist", "mnist_net", 4), ("cifar10", "cifar_net", 2)):
         gns = [m for m in build_model(name, norm="gn").modules() if isinstance(m, nn.GroupNorm)]
         assert gns and {m.num_groups for m in gns} == {groups}
-        assert TrainConfig(dataset=dataset, norm="gn").resolve().groups == groups
-        assert TrainConfig(dataset=dataset, norm="gn", groups=1).resolve().groups == 1
-        assert TrainConfig(dataset=dataset, norm="ln").resolve().groups is None
+        assert RunSpec.from_options(dataset=dataset, norm="gn").resolve().model.groups == groups
+        one = RunSpec.from_options(dataset=dataset, norm="gn", groups=1).resolve()
+        assert one.model.groups == 1
+        assert RunSpec.from_options(dataset=dataset, norm="ln").resolve().model.groups is None
     assert resolve_groups("cifar_net", "bn", None) is None
-    with pytest.raises(NormcliError, match="--groups applies to gn only"):
+    with pytest.raises(NormcliError, match="groups apply to gn only"):
         resolve_groups("cifar_net", "bn", 2)
 
 

@@ -401,22 +401,38 @@ def _meta_case(name: str, meta: dict[str, str | None], *expected: str) -> None:
     simple(name, lambda e: e.eval(e.variant(meta)), *expected)
 
 
-_meta_case("meta-incomplete", {"model": None}, "incomplete normcli metadata", "'model'")
+def _args_case(name: str, key: str, edit: Callable[[dict], None], *expected: str) -> None:
+    """`eval` on a checkpoint whose run record `key` (model_args / train_args) was edited."""
+
+    def build(e: Env) -> list[str | Path]:
+        raw, _ = read_file(e.ckpt)
+        value = json.loads(raw[key])
+        edit(value)
+        return e.eval(e.variant({key: json.dumps(value)}))
+
+    simple(name, build, *expected)
+
+
+_meta_case("meta-incomplete", {"model_args": None}, "incomplete normcli metadata", "'model_args'")
 _meta_case("meta-no-history", {"history": None}, "incomplete normcli metadata", "'history'")
-_meta_case("meta-malformed-json", {"norm": '"bn'}, "'norm' is not valid JSON")
-_meta_case("meta-malformed-json-config", {"config": "{'epochs': 2}"}, "'config' is not valid JSON")
-_meta_case("meta-huge-integer", {"groups": "9" * 5000}, "'groups' is not valid JSON")
-_meta_case("meta-deep-nesting", {"config": "[" * 100_000 + "]" * 100_000}, "'config'")
-_meta_case("meta-wrong-type-groups", {"groups": '"two"'}, "'groups' has the wrong type")
+_meta_case("meta-malformed-json", {"model_args": '{"norm": "bn'}, "'model_args' is not valid JSON")
 _meta_case(
-    "meta-wrong-type-bool", {"format_version": "true"}, "'format_version' has the wrong type"
+    "meta-malformed-json-config", {"train_args": "{'epochs': 2}"}, "'train_args' is not valid JSON"
 )
-_meta_case("meta-wrong-type-dropout", {"dropout": "[0.1]"}, "'dropout' has the wrong type")
-_meta_case(
-    "meta-wrong-type-ws",
-    {"weight_standardization": "1"},
-    "'weight_standardization' has the wrong type",
-)
+_meta_case("meta-huge-integer", {"format_version": "9" * 5000}, "'format_version' is not valid")
+_meta_case("meta-deep-nesting", {"train_args": "[" * 100_000 + "]" * 100_000}, "'train_args'")
+_args_case("meta-incomplete-model-args", "model_args", lambda m: m.pop("model"), "'model' missing")
+_args_case(
+    "meta-wrong-type-groups", "model_args", lambda m: m.update(groups="two"),
+    "'groups' has the wrong type",
+)  # fmt: skip
+_meta_case("meta-wrong-type-bool", {"format_version": "true"}, "unknown checkpoint format True")
+_args_case(
+    "meta-wrong-type-dropout", "model_args", lambda m: m.update(dropout=[0.1]),
+    "'dropout' has the wrong type",
+)  # fmt: skip
+_args_case("meta-wrong-type-ws", "model_args", lambda m: m.update(ws=1), "'ws' has the wrong type")
+_args_case("meta-unknown-field", "train_args", lambda t: t.update(speed=3), "unknown field 'speed'")
 _meta_case("meta-wrong-type-class-names", {"class_names": "[0, 1, 2]"}, "'class_names'")
 _meta_case("meta-wrong-type-input-shape", {"input_shape": '[1, "28", 28]'}, "'input_shape'")
 _meta_case("meta-wrong-input-shape", {"input_shape": "[1, 28, 8]"}, "'input_shape'")
@@ -424,12 +440,22 @@ _meta_case("meta-wrong-type-std", {"std": "[0]"}, "'std'")
 _meta_case("meta-history-not-numbers", {"history": '[{"epoch": "one"}]'}, "'history'")
 _meta_case("meta-history-keys-missing", {"history": '[{"epoch": 1}]'}, "'history'")
 _meta_case("meta-history-nan", {"history": '[{"epoch": NaN}]'}, "'history'")
-_meta_case("meta-unknown-dataset", {"dataset": '"svhn"'}, "unknown dataset 'svhn'", "mnist")
-_meta_case("meta-unknown-model", {"model": '"vit"'}, "unknown model 'vit'")
-_meta_case("meta-unknown-norm", {"norm": '"batch"'}, "unknown norm 'batch'")
-_meta_case("meta-groups-not-dividing", {"norm": '"gn"', "groups": "5"}, "does not divide")
-_meta_case("meta-dropout-out-of-range", {"dropout": "2.0"}, "dropout")
-_meta_case("newer-format-version", {"format_version": "2"}, "format 2 is newer", "upgrade")
+_args_case(
+    "meta-unknown-dataset", "model_args", lambda m: m.update(dataset="svhn"),
+    "unknown dataset 'svhn'", "mnist",
+)  # fmt: skip
+_args_case(
+    "meta-unknown-model", "model_args", lambda m: m.update(model="vit"), "unknown model 'vit'"
+)
+_args_case(
+    "meta-unknown-norm", "model_args", lambda m: m.update(norm="batch"), "unknown norm 'batch'"
+)
+_args_case(
+    "meta-groups-not-dividing", "model_args", lambda m: m.update(norm="gn", groups=5),
+    "does not divide",
+)  # fmt: skip
+_args_case("meta-dropout-out-of-range", "model_args", lambda m: m.update(dropout=2.0), "dropout")
+_meta_case("newer-format-version", {"format_version": "3"}, "format 3 is newer", "upgrade")
 _meta_case("zero-format-version", {"format_version": "0"}, "format 0")
 
 
@@ -465,7 +491,15 @@ simple("tensor-unexpected", lambda e: e.eval(e.variant(tensors=_extra_tensor)), 
 simple("tensor-wrong-dtype", lambda e: e.eval(e.variant(tensors=_wrong_dtype)), "head.bias")
 simple(
     "tensors-of-other-norm",
-    lambda e: e.eval(e.variant({"norm": '"gn"', "groups": "2"})),
+    lambda e: e.eval(
+        e.variant(
+            {
+                "model_args": json.dumps(
+                    {**json.loads(read_file(e.ckpt)[0]["model_args"]), "norm": "gn", "groups": 2}
+                )
+            }
+        )
+    ),
     "tensors do not match",
 )
 
@@ -518,18 +552,20 @@ def _resume_metadata_case(
 
 
 def _config_case(name: str, edit: Callable[[dict], None], *expected: str) -> None:
-    _resume_metadata_case("config", name, edit, *expected)
+    _resume_metadata_case("train_args", name, edit, *expected)
 
 
 _config_case(
     "resume-config-wrong-type", lambda c: c.update(epochs="3"), "'epochs' has the wrong type"
 )
 _config_case("resume-config-missing", lambda c: c.pop("batch_size"), "'batch_size' missing")
-_config_case("resume-config-invalid", lambda c: c.update(lr=-1.0), "--lr must be positive")
-_config_case("resume-config-other-model", lambda c: c.update(norm="ln"), "does not fit", "norm")
-_config_case("resume-config-other-batch-size", lambda c: c.update(batch_size=7), "does not fit")
+_config_case("resume-config-invalid", lambda c: c.update(lr=-1.0), "lr must be positive")
+_resume_metadata_case(
+    "model_args", "resume-config-other-model", lambda m: m.update(norm="ln"),
+    "tensors do not match",
+)  # fmt: skip
 _config_case(
-    "resume-config-other-ws", lambda c: c.update(ws=True), "does not fit", "weight standardization"
+    "resume-config-other-batch-size", lambda c: c.update(batch_size=7), "does not fit", "steps"
 )
 simple(
     "resume-with-run-option",
@@ -548,22 +584,13 @@ def _resume_case(name: str, edit: Callable[[dict], None], *expected: str) -> Non
 
 
 _resume_case(
-    "resume-scheduler-tampered",
-    lambda r: r["scheduler"].update(total_steps=3),
+    "resume-steps-tampered",
+    lambda r: r.update(steps_per_epoch=3),
     "does not fit",
-    "total_steps",
+    "3 steps per epoch",
 )
 _resume_case(
-    "resume-scheduler-step-wrong",
-    lambda r: r["scheduler"].update(last_epoch=1),
-    "does not fit",
-    "scheduler step",
-)
-_resume_case("resume-scheduler-missing", lambda r: r.pop("scheduler"), "does not fit")
-_resume_case(
-    "resume-optimizer-tampered",
-    lambda r: r["optimizer_param_groups"][0].update(momentum="fast"),
-    "does not fit",
+    "resume-steps-missing", lambda r: r.pop("steps_per_epoch"), "'steps_per_epoch' missing"
 )
 _resume_case("resume-epoch-wrong", lambda r: r.update(epoch=7), "does not fit", "epoch")
 
@@ -586,7 +613,7 @@ def _(e: Env) -> list[str | Path]:
     return ["train", "--resume", path, "--data-dir", e.data, "--device", "cpu"]
 
 
-@case("resume-with-other-data", "does not fit", "--limit")
+@case("resume-with-other-data", "does not fit", "same data and limit")
 def _(e: Env) -> list[str | Path]:
     from conftest import write_mnist
 

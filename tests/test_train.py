@@ -3,7 +3,6 @@ independent evaluation), history, output names, determinism, and one real-MNIST 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -15,11 +14,12 @@ from conftest import TINY_TEST, train_tiny
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from normcli.checkpoint import load_checkpoint, read_metadata
-from normcli.data import DATA_ENV, get_spec, read_cifar_bin, read_idx
+from normcli.checkpoint import load_checkpoint, read_file, read_metadata
+from normcli.config import RunSpec, TrainArgs
+from normcli.data import DATA_ENV, get_dataset, read_cifar_bin, read_idx
 from normcli.models import _REGISTRY, ModelInfo, build_model, mnist_net
 from normcli.norms import NORMS
-from normcli.train import TrainConfig, _config_from_meta, l1_penalty, train
+from normcli.train import l1_penalty, train
 
 HISTORY_KEYS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"}
 TIMING_KEYS = {"seconds", "images_per_second"}
@@ -55,7 +55,7 @@ def test_l1_penalty_of_a_real_model_counts_parameters_not_buffers() -> None:
     assert float(l1_penalty(model).detach()) == pytest.approx(expected, rel=1e-5)
 
 
-def _first_step(config: TrainConfig, data: Path, out: Path) -> tuple[list, list]:
+def _first_step(config: RunSpec, data: Path, out: Path) -> tuple[list, list]:
     """Parameters and their gradients as the optimizer sees them at the first step."""
     seen: list[tuple[list, list]] = []
 
@@ -79,11 +79,13 @@ def test_a_training_step_with_l1_adds_lambda_times_sign_w_to_the_gradient(
     tiny_data: Path, tmp_path: Path, norm: str
 ) -> None:
     lam = 0.01
-    base = TrainConfig(
+    options = dict(
         dataset="mnist", norm=norm, epochs=1, batch_size=64, limit=64, augment=False, seed=3
     )
+    base = RunSpec.from_options(**options)
     w0, g0 = _first_step(base, tiny_data, tmp_path / "plain.safetensors")
-    w1, g1 = _first_step(dataclasses.replace(base, l1=lam), tiny_data, tmp_path / "l1.safetensors")
+    with_l1 = RunSpec.from_options(**options, l1=lam)
+    w1, g1 = _first_step(with_l1, tiny_data, tmp_path / "l1.safetensors")
 
     assert len(w0) == len(w1) == len(list(build_model("mnist_net", norm=norm).parameters()))
     for a, b, ga, gb in zip(w0, w1, g0, g1, strict=True):
@@ -137,7 +139,7 @@ def test_recorded_test_metrics_equal_an_independent_evaluation(
 ) -> None:
     path = tiny_checkpoints[key]
     meta = read_metadata(path)
-    spec = get_spec(meta.dataset)
+    spec = get_dataset(meta.dataset)
     assert (meta.mean, meta.std) == (list(spec.mean), list(spec.std))
 
     images, labels = _test_split(tiny_data, meta.dataset)
@@ -185,10 +187,11 @@ def test_checkpoints_record_the_options_given(tiny_checkpoints: dict[str, Path])
     }
     for key, (dataset, model, norm, groups, l1, ws) in expected.items():
         meta = read_metadata(tiny_checkpoints[key])
-        assert (meta.dataset, meta.model, meta.norm, meta.groups) == (dataset, model, norm, groups)
-        assert meta.weight_standardization is meta.config["ws"] is ws
-        assert meta.l1 == l1 and meta.config["l1"] == l1
-        assert meta.config["epochs"] == 2 and meta.config["batch_size"] == 32
+        m, t = meta.model_args, meta.train_args
+        assert (meta.dataset, m.model, m.norm, m.groups) == (dataset, model, norm, groups)
+        assert m.ws is ws
+        assert t.l1 == l1
+        assert t.epochs == 2 and t.batch_size == 32
 
 
 @pytest.mark.parametrize("key", ["bn_l1", "gn", "ln", "cifar"])
@@ -196,17 +199,17 @@ def test_history_has_one_complete_row_per_epoch(
     tiny_checkpoints: dict[str, Path], key: str
 ) -> None:
     meta = read_metadata(tiny_checkpoints[key])
-    assert len(meta.history) == meta.config["epochs"] == 2
+    assert len(meta.history) == meta.train_args.epochs == 2
     for epoch, row in enumerate(meta.history, start=1):
         assert set(row) >= HISTORY_KEYS
         assert row.get("epoch", epoch) == epoch
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values())
         assert 0 <= row["train_accuracy"] <= 100 and 0 <= row["test_accuracy"] <= 100
         assert row["train_loss"] > 0 and row["test_loss"] > 0
-        assert 0 < row["lr"] <= meta.config["lr"]
+        assert 0 < row["lr"] <= meta.train_args.lr
         assert row["seconds"] > 0
     # One-cycle: the last epoch ends far below the peak learning rate.
-    assert meta.history[-1]["lr"] < meta.config["lr"] / 10
+    assert meta.history[-1]["lr"] < meta.train_args.lr / 10
 
 
 def test_train_prints_exactly_the_path_and_honours_limit(
@@ -222,7 +225,7 @@ def test_train_prints_exactly_the_path_and_honours_limit(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.safetensors"]
 
     meta = read_metadata(out)
-    assert meta.config["limit"] == 40 and len(meta.history) == 1
+    assert meta.train_args.limit == 40 and len(meta.history) == 1
     images, labels = _test_split(tiny_data, "mnist")
     accuracy, loss = _independent_metrics(out, images[:40], labels[:40])  # the first 40 only
     assert meta.history[0]["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
@@ -244,12 +247,15 @@ def test_existing_output_needs_overwrite(cli, tiny_data: Path, tmp_path: Path) -
 
 
 def test_cifar10_batch_size_default_depends_on_whether_the_norm_uses_batch_statistics() -> None:
-    batch = {n: TrainConfig(dataset="cifar10", norm=n).resolve().batch_size for n in NORMS}
+    def resolved(**options: object) -> TrainArgs:
+        return RunSpec.from_options(**options).resolve().train
+
+    batch = {n: resolved(dataset="cifar10", norm=n).batch_size for n in NORMS}
     assert batch == {"bn": 64, "gn": 32, "ln": 32, "in": 32, "none": 32}
-    assert {TrainConfig(dataset="mnist", norm=n).resolve().batch_size for n in NORMS} == {64}
-    assert TrainConfig(dataset="cifar10", norm="bn", batch_size=16).resolve().batch_size == 16
+    assert {resolved(dataset="mnist", norm=n).batch_size for n in NORMS} == {64}
+    assert resolved(dataset="cifar10", norm="bn", batch_size=16).batch_size == 16
     # only the batch size is per norm; the rest is the dataset's
-    bn, ln = (TrainConfig(dataset="cifar10", norm=n).resolve() for n in ("bn", "ln"))
+    bn, ln = (resolved(dataset="cifar10", norm=n) for n in ("bn", "ln"))
     assert (bn.lr, bn.weight_decay, bn.epochs) == (ln.lr, ln.weight_decay, ln.epochs)
 
 
@@ -260,44 +266,56 @@ def test_cifar10_batch_size_default_depends_on_whether_the_norm_uses_batch_stati
 
 def test_default_names_distinguish_every_run_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(
-        _REGISTRY, "mnist_twin", ModelInfo("mnist_twin", "mnist", mnist_net, False, "a twin")
+        _REGISTRY, "mnist_twin", ModelInfo("mnist_twin", (1, 28, 28), mnist_net, False, "a twin")
     )
-    base = TrainConfig(dataset="mnist")
+    base = {"dataset": "mnist"}
     variants = {
         "base": base,
-        "dataset": dataclasses.replace(base, dataset="cifar10"),
-        "model": dataclasses.replace(base, model="mnist_twin"),
-        "norm": dataclasses.replace(base, norm="ln"),
-        "gn": dataclasses.replace(base, norm="gn"),
-        "groups": dataclasses.replace(base, norm="gn", groups=2),
-        "groups1": dataclasses.replace(base, norm="gn", groups=1),
-        "in": dataclasses.replace(base, norm="in"),
-        "bn-ws": dataclasses.replace(base, ws=True),
-        "gn-nows": dataclasses.replace(base, norm="gn", ws=False),
-        "l1": dataclasses.replace(base, l1=1e-4),
-        "l1b": dataclasses.replace(base, l1=1e-5),
-        "l1c": dataclasses.replace(base, l1=2.5e-4),
-        "seed": dataclasses.replace(base, seed=2),
-        "seed10": dataclasses.replace(base, seed=10),
+        "dataset": {**base, "dataset": "cifar10"},
+        "model": {**base, "model": "mnist_twin"},
+        "norm": {**base, "norm": "ln"},
+        "gn": {**base, "norm": "gn"},
+        "groups": {**base, "norm": "gn", "groups": 2},
+        "groups1": {**base, "norm": "gn", "groups": 1},
+        "in": {**base, "norm": "in"},
+        "bn-ws": {**base, "ws": True},
+        "gn-nows": {**base, "norm": "gn", "ws": False},
+        "l1": {**base, "l1": 1e-4},
+        "l1b": {**base, "l1": 1e-5},
+        "l1c": {**base, "l1": 2.5e-4},
+        "seed": {**base, "seed": 2},
+        "seed10": {**base, "seed": 10},
+        "quick": {**base, "epochs": 1, "limit": 3000},
+        "batch": {**base, "batch_size": 128},
+        "lr": {**base, "lr": 0.1},
+        "val": {**base, "val": 5000},
     }
-    paths = {key: config.resolve().default_path() for key, config in variants.items()}
+
+    def path(options: dict) -> Path:
+        return RunSpec.from_options(**options).resolve().default_path()
+
+    paths = {key: path(options) for key, options in variants.items()}
     assert len(set(paths.values())) == len(paths), paths
-    for path in paths.values():
-        assert path.parent == Path("checkpoints") and path.suffix == ".safetensors"
+    for p in paths.values():
+        assert p.parent == Path("checkpoints") and p.suffix == ".safetensors"
     assert "mnist" in paths["base"].name and "mnist_net" in paths["base"].name
     assert "cifar10" in paths["dataset"].name and "cifar_net" in paths["dataset"].name
     assert "mnist_twin" in paths["model"].name
-    # The norm's own default is not spelled out; a choice against it is.
-    assert paths["base"] == dataclasses.replace(base, ws=False).resolve().default_path()
-    assert paths["gn"] == dataclasses.replace(base, norm="gn", ws=True).resolve().default_path()
+    # The norm's own default is not spelled out; a choice against it is, and so is a recipe
+    # that differs from the dataset's defaults (a quick trial never takes a full run's name).
+    assert paths["base"] == path({**base, "ws": False}) == path({**base, "epochs": 15})
+    assert paths["gn"] == path({**base, "norm": "gn", "ws": True})
     assert "_bn-ws_" in paths["bn-ws"].name and "_gn-g4-nows_" in paths["gn-nows"].name
+    assert "_e1_n3000_" in paths["quick"].name
 
 
-def test_config_from_a_checkpoint_older_than_weight_standardization() -> None:
-    config = dataclasses.asdict(TrainConfig(dataset="mnist", norm="gn").resolve())
-    assert config.pop("ws") is True
-    # Files written before the option existed trained plain convolutions, whatever the norm.
-    assert _config_from_meta(config, Path("old.safetensors")).ws is False
+def test_a_checkpoint_older_than_weight_standardization_trained_plain_convs() -> None:
+    # Format-1 files from before the option existed have no ws anywhere: plain convolutions.
+    old = Path(__file__).parents[1] / "bench/results/mnist/bn_l1.safetensors"
+    raw, _ = read_file(old)
+    assert raw is not None and raw["format_version"] == "1"
+    assert "weight_standardization" not in raw and '"ws"' not in raw["config"]
+    assert read_metadata(old).model_args.ws is False
 
 
 def test_train_without_out_writes_the_default_path(
@@ -310,12 +328,14 @@ def test_train_without_out_writes_the_default_path(
         *options,
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    expected = TrainConfig(norm="gn", groups=2, l1=0.001, seed=9).resolve().default_path()
+    spec = RunSpec.from_options(norm="gn", groups=2, l1=0.001, seed=9, epochs=1, limit=20)
+    expected = spec.resolve().default_path()
     assert result.stdout == f"{expected}\n"
     assert (tmp_path / expected).is_file()
     assert list((tmp_path / "checkpoints").iterdir()) == [tmp_path / expected]
     meta = read_metadata(tmp_path / expected)
-    assert (meta.norm, meta.groups, meta.l1, meta.config["seed"]) == ("gn", 2, 0.001, 9)
+    m, t = meta.model_args, meta.train_args
+    assert (m.norm, m.groups, t.l1, t.seed) == ("gn", 2, 0.001, 9)
 
 
 # ---------------------------------------------------------------------------
