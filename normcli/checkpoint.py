@@ -13,6 +13,7 @@ import os
 import struct
 import tempfile
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -345,3 +346,18 @@ def save_checkpoint(
         tensors[key] = value.detach().cpu().contiguous()
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta.to_strings()))
     return path
+
+
+def find_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The checkpoints named: files as given, folders (a sweep, a study) as the *.safetensors
+    files directly inside them, sorted by name."""
+    found: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            inside = sorted(p for p in given.glob("*.safetensors") if p.is_file())
+            if not inside:
+                raise NormcliError(f"{given}: no .safetensors checkpoints in this folder")
+            found += inside
+        else:
+            found.append(given)
+    return found

@@ -6,6 +6,7 @@ errors go to stderr. Errors are mapped to one line and an exit code in `main`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import sys
@@ -272,14 +273,28 @@ def eval_(
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table on stdout.")] = False,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            help="KEY[,KEY]: one row per group of runs (any run option, e.g. norm,batch_size) "
+            "with n, mean ± std, min, max of the final metrics stored in the checkpoints.",
+            show_default=False,
+        ),
+    ] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="With --group-by: CSV on stdout.")] = False,
 ) -> None:
-    """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix."""
-    from normcli.checkpoint import load_checkpoint
+    """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix; with
+    --group-by, statistics over seeds. Arguments may be folders (a sweep's checkpoints)."""
+    from normcli.checkpoint import find_checkpoints, load_checkpoint
     from normcli.console import markdown_table, show_comparison, show_report
     from normcli.evaluate import report, test_splits
     from normcli.outputs import plan_outputs
     from normcli.train import resolve_device
 
+    checkpoints = find_checkpoints(checkpoints)
+    if group_by is not None:
+        _show_groups(checkpoints, group_by, json_, markdown, csv)
+        return
     dev = resolve_device(device.value)
     ckpts = [load_checkpoint(p) for p in checkpoints]  # every input checked before any work
     if confusion is not None:
@@ -302,6 +317,27 @@ def eval_(
         show_report(reports[0], ckpts[0].meta.class_names)
     else:
         show_comparison(reports)
+
+
+def _show_groups(
+    checkpoints: list[Path], group_by: str, json_: bool, markdown: bool, csv: bool
+) -> None:
+    from normcli.console import flat_rows, group_rows, print_table, to_csv, to_markdown
+    from normcli.sweep import study_table
+
+    keys = [k.strip() for k in group_by.split(",") if k.strip()]
+    rows = study_table(checkpoints, keys)
+    if json_:
+        _print_json(rows)
+        return
+    if csv:
+        print(to_csv(*flat_rows(rows, keys)), end="")
+        return
+    columns, cells = group_rows(rows, keys)
+    if markdown:
+        print(to_markdown(columns, cells))
+    else:
+        print_table(f"{len(checkpoints)} runs by {', '.join(keys)}", columns, cells)
 
 
 @app.command()
@@ -399,13 +435,30 @@ def plot(
     ] = None,
     title: Annotated[str | None, typer.Option(help="Figure title.", show_default=False)] = None,
     overwrite: OverwriteOpt = False,
+    x: Annotated[
+        str | None,
+        typer.Option(help="Study plot: run option on the x axis (e.g. batch_size).",
+                     show_default=False),
+    ] = None,
+    y: Annotated[
+        str, typer.Option(help="Study plot: final metric (test_accuracy, test_error, ...).")
+    ] = "test_accuracy",
+    hue: Annotated[
+        str | None,
+        typer.Option(help="Study plot: one line per value of this option.", show_default=False),
+    ] = None,
 ) -> None:
-    """Training curves of several runs on the same axes, from their stored histories."""
-    from normcli.checkpoint import read_metadata
+    """Training curves of several runs on the same axes, from their stored histories; with
+    --x, a study plot: a final metric against a run option, mean ± std over seeds."""
+    from normcli.checkpoint import find_checkpoints, read_metadata
     from normcli.outputs import plan_outputs
     from normcli.plots import DEFAULT_GRID, curves_figure, default_title, run_labels, save_figure
 
+    checkpoints = find_checkpoints(checkpoints)
     metas = [read_metadata(p) for p in checkpoints]
+    if x is not None:
+        _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
+        return
     suffix = fmt.value if fmt else (out.suffix.lstrip(".") if out and out.suffix else "png")
     if suffix not in Format.__members__:
         raise NormcliError(f"--out {out}: unknown image format {suffix!r}; use png, svg or pdf")
@@ -421,6 +474,112 @@ def plot(
     for metrics, path in zip(figures, paths, strict=True):
         save_figure(curves_figure(runs, metrics, heading), path, suffix)
         print(path)
+
+
+def _study_plot(
+    checkpoints: list[Path], metas: list, x: str, y: str, hue: str | None,
+    out: Path | None, fmt: Format | None, title: str | None, overwrite: bool,
+) -> None:  # fmt: skip
+    from normcli.outputs import plan_outputs
+    from normcli.plots import default_title, save_figure, study_figure
+    from normcli.sweep import aggregate, checkpoint_records
+
+    records = checkpoint_records(checkpoints)
+    keys = [hue, x] if hue else [x]
+    rows = aggregate(records, keys, [y])
+    suffix = fmt.value if fmt else (out.suffix.lstrip(".") if out and out.suffix else "png")
+    default = checkpoints[0].parent / f"{y}_by_{x}{f'_{hue}' if hue else ''}.{suffix}"
+    [path] = plan_outputs(out, [default], overwrite)
+    fig = study_figure(rows, records, x, y, hue, title or default_title(metas))
+    save_figure(fig, path, suffix)
+    print(path)
+
+
+@app.command()
+@with_run_options(as_lists=True)
+def sweep(
+    out: Annotated[Path, typer.Option(help="Sweep folder: one checkpoint per point + manifest.")],
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = Device.cpu,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Runs at a time. Default: CPUs / --cpus-per-run.", show_default=False),
+    ] = None,
+    cpus_per_run: Annotated[int, typer.Option(help="CPU threads per run.")] = 1,
+    gpus_per_run: Annotated[float, typer.Option(help="GPU share per run, e.g. 0.25.")] = 0.0,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Join a running Ray cluster: 'auto' or HOST:PORT.", show_default=False),
+    ] = None,
+    extend: Annotated[bool, typer.Option(help="Add the new points of a larger grid.")] = False,
+    retries: Annotated[int, typer.Option(help="Retries of a run whose worker died.")] = 2,
+    **options: Any,
+) -> None:
+    """Train the product of comma-separated run options (e.g. --norm bn,gn --seed 1,2,3), as
+    Ray tasks; prints the sweep folder. Re-running resumes; see `eval --group-by`."""
+    from normcli.console import SweepProgress
+    from normcli.sweep import expand_grid, open_sweep, run_sweep, train_point
+
+    given = {k: v for k, v in options.items() if v is not None}
+    parsed = {k: parse_list(k, v) for k, v in given.items()}
+    swept = {k: v for k, v in parsed.items() if len(v) > 1}
+    fixed = {k: v[0] for k, v in parsed.items() if len(v) == 1}
+    fixed.setdefault("threads", cpus_per_run)
+    if device.value == "cuda" and gpus_per_run == 0:
+        raise NormcliError("--device cuda needs --gpus-per-run (e.g. 0.25)")
+    points = expand_grid(swept, fixed)
+    for point in points:  # every point checked before Ray starts
+        try:
+            spec_from_options(point.options)
+        except NormcliError as e:
+            raise NormcliError(f"point {point.name}: {as_flags(str(e))}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, mode = open_sweep(out, swept, fixed, extend=extend)
+    task = functools.partial(
+        train_point, data_dir=None if data_dir is None else str(data_dir.resolve()),
+        device=device.value,
+    )  # fmt: skip
+    with SweepProgress(manifest) as progress:
+        outcomes = run_sweep(
+            out, task, on_event=progress.event, workers=workers, cpus_per_run=cpus_per_run,
+            gpus_per_run=gpus_per_run, address=address, max_retries=retries,
+        )  # fmt: skip
+    failed = sorted(name for name, o in outcomes.items() if o.status != "done")
+    print(out)
+    if failed:
+        raise NormcliError(
+            f"{len(failed)} of {len(points)} runs failed: {', '.join(failed[:5])}"
+            f"{' ...' if len(failed) > 5 else ''}; see {out / 'manifest.json'}; "
+            "re-run the same command to retry them",
+            exit_code=1,
+        )
+
+
+def parse_list(name: str, text: str) -> list[Any]:
+    """A comma-separated list of run option `name`'s values, each of the option's type."""
+    hints = {**typing.get_type_hints(ModelArgs), **typing.get_type_hints(TrainArgs)}
+    kinds = [k for k in (typing.get_args(hints[name]) or (hints[name],)) if k is not type(None)]
+    flag = f"--{name.replace('_', '-')}"
+    values = []
+    for item in (part.strip() for part in text.split(",")):
+        if name in _CHOICES and item not in _CHOICES[name].__members__:
+            choices = ", ".join(_CHOICES[name].__members__)
+            raise NormcliError(f"{flag}: {item!r} is not one of {choices}")
+        values.append(_convert(item, kinds[0], flag))
+    return values
+
+
+def _convert(item: str, kind: type, flag: str) -> Any:
+    """One value of a comma list as `kind` (int, float, bool, str)."""
+    if kind is bool:
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if item.lower() not in words:
+            raise NormcliError(f"{flag}: {item!r} is not true or false")
+        return words[item.lower()]
+    try:
+        return kind(item)
+    except ValueError:
+        raise NormcliError(f"{flag}: {item!r} is not a valid {kind.__name__}") from None
 
 
 @app.command()

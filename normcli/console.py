@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -158,3 +160,120 @@ def show_comparison(reports: Sequence[CheckpointReport]) -> None:
         for r in reports
     ]  # fmt: skip
     print_table("Comparison", columns, rows)
+
+
+def _mean_std(stats: dict | None, digits: int) -> str:
+    if not stats or not stats.get("n"):
+        return "-"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def group_rows(rows: Sequence[dict], keys: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and cells of a --group-by table: the keys, n, then per metric mean ± std, min,
+    max (accuracies with 2 decimals, losses with 4)."""
+    metrics = [k for k in rows[0] if k not in keys] if rows else []
+    columns = [*keys, "n"]
+    for m in metrics:
+        columns += [f"{m} (mean ± std)", f"{m} min", f"{m} max"]
+    cells = []
+    for row in rows:
+        n = max((row[m]["n"] for m in metrics if row[m]), default=0)
+        line: list[Any] = [*(str(row[k]) for k in keys), n]
+        for m in metrics:
+            digits = 4 if "loss" in m else 2
+            stats = row[m] or {}
+            line += [_mean_std(stats, digits),
+                     *(f"{stats[x]:.{digits}f}" if stats.get(x) is not None else "-"
+                       for x in ("min", "max"))]  # fmt: skip
+        cells.append(line)
+    return columns, cells
+
+
+def flat_rows(rows: Sequence[dict], keys: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    """A --group-by table for spreadsheets: keys, n, and <metric>_mean/_std/_min/_max numbers."""
+    metrics = [k for k in rows[0] if k not in keys] if rows else []
+    columns = [*keys, "n", *(f"{m}_{x}" for m in metrics for x in ("mean", "std", "min", "max"))]
+    cells = []
+    for row in rows:
+        n = max((row[m]["n"] for m in metrics if row[m]), default=0)
+        stats = [(row[m] or {}).get(x) for m in metrics for x in ("mean", "std", "min", "max")]
+        cells.append([*(row[k] for k in keys), n, *("" if v is None else v for v in stats)])
+    return columns, cells
+
+
+def to_markdown(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def to_csv(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
+    """CSV text (with a header row)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    writer.writerows(cells)
+    return buffer.getvalue()
+
+
+class SweepProgress:
+    """One bar of a sweep's runs on stderr (done, running, failed, total, ETA) and one line per
+    finished run; the workers' own output never reaches the terminal."""
+
+    def __init__(self, manifest: dict, console: Console = stderr) -> None:
+        points = manifest["points"]
+        self.console = console
+        self.total = len(points)
+        self.done = sum(p["status"] == "done" for p in points)
+        self.failed = 0
+        self.running = 0
+        self.progress = Progress(
+            TextColumn("[bold]runs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> SweepProgress:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "sweep", total=self.total, completed=self.done, running=0, failed=0
+        )
+        if self.done:
+            self.console.print(f"{self.done} of {self.total} runs already done", highlight=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def event(self, kind: str, name: str, info: dict) -> None:
+        """An engine event: 'started', 'finished' (with the result) or 'failed' (the error)."""
+        if kind == "started":
+            self.running += 1
+        else:
+            self.running -= 1
+            if kind == "finished":
+                self.done += 1
+                result = info.get("result") or {}
+                acc = result.get("test_accuracy")
+                what = f"test accuracy {acc:.2f}%" if acc is not None else "done"
+                self.console.print(f"done    {name}: {what}", highlight=False, markup=False)
+            else:
+                self.failed += 1
+                self.console.print(
+                    f"failed  {name}: {info.get('error')}", highlight=False, markup=False
+                )
+        self.progress.update(
+            self.task,
+            completed=self.done + self.failed,
+            running=self.running,
+            failed=self.failed,
+        )

@@ -24,7 +24,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "train_loss": ("loss (cross-entropy)", "Train loss"),
     "train_accuracy": ("accuracy (%)", "Train accuracy"),
     "lr": ("learning rate", "Learning rate"),
+    "test_error": ("test error (%)", "Test error"),
+    "val_accuracy": ("accuracy (%)", "Validation accuracy"),
+    "val_error": ("validation error (%)", "Validation error"),
 }
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
 DPI = 100
 CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.9  # inches, for misclassified grids
@@ -161,3 +165,45 @@ def write_misclassified_grid(
     fig = misclassified_figure(images, mistakes, meta.class_names, min(cols, n), title)
     save_figure(fig, path)
     return mistakes
+
+
+# Options whose values grow by factors of two: a log2 axis spaces them evenly (GN paper, Fig. 1).
+LOG2_OPTIONS = frozenset({"batch_size", "groups", "world_size"})
+
+
+def study_figure(
+    rows: Sequence[dict],
+    records: Sequence[dict],
+    x: str,
+    y: str,
+    hue: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """A final metric against a run option: one line per `hue` value at the mean over seeds,
+    ±1 std error bars, and each run as a faint point. `rows` come from sweep.aggregate over
+    [hue, x] (or [x]); `records` are the runs themselves."""
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    ax = fig.subplots()
+    groups = list(dict.fromkeys(r[hue] for r in rows)) if hue else [None]
+    for i, group in enumerate(groups):
+        mine = [r for r in rows if hue is None or r[hue] == group]
+        xs = [r[x] for r in mine if r[y] and r[y]["n"]]
+        means = [r[y]["mean"] for r in mine if r[y] and r[y]["n"]]
+        stds = [r[y]["std"] or 0.0 for r in mine if r[y] and r[y]["n"]]
+        label = f"{hue}={group}" if hue else y
+        line = ax.errorbar(xs, means, yerr=stds, marker=MARKERS[i % len(MARKERS)], capsize=3,
+                           label=label)  # fmt: skip
+        runs = [r for r in records if (hue is None or r.get(hue) == group) and y in r]
+        ax.scatter([r[x] for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
+                   color=line.lines[0].get_color())  # fmt: skip
+    if x in LOG2_OPTIONS:
+        ax.set_xscale("log", base=2)
+        values = sorted({r[x] for r in rows})
+        ax.set_xticks(values, [str(v) for v in values])
+    ax.set_xlabel(x)
+    ax.set_ylabel(METRICS[y][0] if y in METRICS else y)
+    n = max((r[y]["n"] for r in rows if r[y]), default=0)
+    ax.set_title((title + ": " if title else "") + f"{y} (mean ± std, up to n={n} per point)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig

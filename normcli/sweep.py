@@ -919,3 +919,72 @@ def _stats(metric: str, values: list) -> dict:
     mean = math.fsum(values) / n
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# normcli runs as sweep points, and checkpoints as records for aggregation
+
+
+def train_point(
+    options: dict, output: str, *, data_dir: str | None = None, device: str = "cpu"
+) -> dict:
+    """Sweep task: train one point's run into `output` and return its final metrics. A file
+    already there is a previous attempt of this point (its worker died): it is resumed from
+    its last saved epoch, to exactly the weights an uninterrupted run reaches."""
+    from normcli.config import RunSpec
+    from normcli.train import resume_training, train
+
+    path = Path(output)
+    if path.exists():
+        result = resume_training(path, data_dir=data_dir, device=device)
+    else:
+        spec = RunSpec.from_options(**options)
+        result = train(spec, data_dir=data_dir, device=device, out=path)
+    return final_metrics(result.history) | {"params": result.params}
+
+
+# Metrics of a finished run, from the last row of its history (test_error = 100 - accuracy,
+# the GN paper's axis).
+RUN_METRICS = ("test_accuracy", "test_error", "test_loss", "val_accuracy", "val_error",
+               "val_loss", "train_loss", "seconds")  # fmt: skip
+
+
+def final_metrics(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The run's final test (and validation) metrics and its total training seconds."""
+    if not history:
+        return {}
+    last = history[-1]
+    out = {k: last[k] for k in ("test_accuracy", "test_loss", "train_loss") if k in last}
+    out["test_error"] = 100.0 - last["test_accuracy"]
+    if "val_accuracy" in last:
+        out |= {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
+                "val_error": 100.0 - last["val_accuracy"]}  # fmt: skip
+    out["seconds"] = sum(row["seconds"] for row in history)
+    out["epochs"] = len(history)
+    return out
+
+
+def checkpoint_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """One record per checkpoint for `aggregate`: every run option, the run's label, and its
+    final metrics (from the stored history: no re-evaluation)."""
+    from normcli.checkpoint import read_metadata
+
+    rows = []
+    for path in paths:
+        meta = read_metadata(path)
+        rows.append({**meta.run.options(), "label": meta.label, "path": str(path),
+                     **final_metrics(meta.history)})  # fmt: skip
+    return rows
+
+
+def study_table(
+    paths: Sequence[str | os.PathLike], group_by: Sequence[str], metrics: Sequence[str] = ()
+) -> list[dict]:
+    """`aggregate` over checkpoints: one row per group of `group_by` values, with n, mean, std,
+    min, max of each metric (default: test accuracy and loss, validation accuracy if any)."""
+    rows = checkpoint_records(paths)
+    if not metrics:
+        metrics = ["test_accuracy", "test_loss"]
+        if any("val_accuracy" in r for r in rows):
+            metrics.append("val_accuracy")
+    return aggregate(rows, list(group_by), list(metrics))

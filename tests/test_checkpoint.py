@@ -4,6 +4,7 @@ writes are atomic."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 from normcli import checkpoint
 from normcli.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
+from normcli.config import RunSpec
 from normcli.data import get_dataset
 from normcli.errors import NormcliError
 from normcli.models import build_model, get_model_info
@@ -37,21 +39,21 @@ def _history(epochs: int) -> list[dict[str, float]]:
 def _meta(
     name: str, norm: str, groups: int | None, dropout: float, ws: bool = False
 ) -> CheckpointMeta:
-    spec = get_dataset(get_model_info(name).dataset)
+    dataset = {(1, 28, 28): "mnist", (3, 32, 32): "cifar10"}[get_model_info(name).input_shape]
+    spec = get_dataset(dataset)
+    run = RunSpec.from_options(
+        dataset=dataset, model=name, norm=norm, groups=groups, ws=ws, dropout=dropout,
+        l1=1e-4, seed=7, epochs=3,
+    ).resolve()  # fmt: skip
     return CheckpointMeta(
-        model=name,
-        norm=norm,
-        groups=groups,
-        weight_standardization=ws,
-        dropout=dropout,
-        dataset=spec.name,
+        model_args=run.model,
+        train_args=run.train,
         class_names=list(spec.class_names),
         input_shape=list(spec.input_shape),
         mean=list(spec.mean),
         std=list(spec.std),
-        config={"dataset": spec.name, "l1": 1e-4, "seed": 7, "limit": None, "augment": True},
         history=_history(3),
-        resume={"epoch": 3, "scheduler": {"last_epoch": 30, "_last_lr": [0.001]}},
+        resume={"epoch": 3, "steps_per_epoch": 10},
     )
 
 
@@ -65,7 +67,7 @@ def _trained_model(
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     model.train()
-    shape = get_dataset(get_model_info(name).dataset).input_shape
+    shape = get_model_info(name).input_shape
     with torch.no_grad():
         for _ in range(3):  # updates BN running_mean / running_var / num_batches_tracked
             model(torch.randn(8, *shape) * 2 + 0.5)
@@ -212,15 +214,24 @@ def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_file_from_before_weight_standardization_loads_with_plain_convs(tmp_path: Path) -> None:
+    """Format 1, as normcli wrote it before the option existed: no ws anywhere."""
     model = _trained_model("mnist_net", "gn", 2, 0.0)
     path = tmp_path / "old.safetensors"
-    save_checkpoint(path, model, _meta("mnist_net", "gn", 2, 0.0))
-    raw, tensors = checkpoint.read_file(path)
-    del raw["weight_standardization"]  # as normcli wrote it before the option existed
-    save_file(tensors, str(path), metadata=raw)
+    meta = _meta("mnist_net", "gn", 2, 0.0)
+    config = {**dataclasses.asdict(meta.train_args), "dataset": "mnist", "model": "mnist_net",
+              "norm": "gn", "groups": 2, "dropout": 0.0}  # fmt: skip
+    for added in ("val", "threads"):
+        config.pop(added)
+    v1 = {"format_version": 1, "model": "mnist_net", "norm": "gn", "groups": 2, "dropout": 0.0,
+          "dataset": "mnist", "class_names": meta.class_names, "input_shape": meta.input_shape,
+          "mean": meta.mean, "std": meta.std, "config": config, "history": meta.history,
+          "normcli_version": "0.1.0", "torch_version": "2.14.1", "created": meta.created}
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in v1.items()})
 
     loaded = load_checkpoint(path)
     assert loaded.meta.model_args.ws is False
+    assert loaded.meta.train_args == dataclasses.replace(meta.train_args, threads=None)
     assert {type(m) for m in loaded.model.modules() if isinstance(m, nn.Conv2d)} == {nn.Conv2d}
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
