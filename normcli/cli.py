@@ -527,7 +527,13 @@ def sweep(
     fixed.setdefault("threads", cpus_per_run)
     if device.value == "cuda" and gpus_per_run == 0:
         raise NormcliError("--device cuda needs --gpus-per-run (e.g. 0.25)")
-    points = expand_grid(swept, fixed)
+    try:
+        points = expand_grid(swept, fixed)
+    except NormcliError as e:  # the library names options; show the flags typed
+        message = str(e)
+        for name in parsed:
+            message = message.replace(f"option {name}", f"--{name.replace('_', '-')}")
+        raise NormcliError(message) from None
     for point in points:  # every point checked before Ray starts
         try:
             spec_from_options(point.options)

@@ -400,7 +400,7 @@ def test_address_that_listens_but_is_not_ray(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     seconds, message = out.stdout.strip().split(" ", 1)
-    assert float(seconds) < 4 and "did not answer within 2 s" in message
+    assert float(seconds) < 10 and "did not answer within 2 s" in message  # bounded, busy CI
     assert time.monotonic() - started < 60  # and the process still exits
 
 

@@ -1,0 +1,314 @@
+"""`normcli sweep` end to end on tiny data: grid refusals before Ray starts, four runs on an
+embedded Ray with two workers, resuming after the driver died, a worker killed mid-run,
+aggregation (`eval --group-by`) against an independent computation, study plots, `--val`."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import write_mnist
+
+from normcli.checkpoint import read_file, read_metadata
+from normcli.config import RunSpec
+from normcli.data import Split, load_split
+from normcli.plots import study_figure
+from normcli.sweep import aggregate, checkpoint_records, expand_grid, run_points, train_point
+from normcli.train import hold_out, new_run, run_epoch, save_run, train
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TINY = ("--epochs", "2", "--batch-size", "50", "--device", "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def workers_import_the_tests() -> Iterator[None]:
+    """Ray workers inherit the environment of whoever starts Ray: let them import this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = os.environ.get("PYTHONPATH", "")
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(HERE), str(ROOT), path) if p))
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("sweep_data"), n_train=200, n_test=100)
+
+
+@pytest.fixture(scope="module")
+def four_runs(sweep_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """bn, gn x seeds 1, 2 through the CLI: the command starts (and stops) its own Ray."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("sweeps") / "study"
+    result = run_cli(
+        "sweep", "--data-dir", sweep_data, "--norm", "bn,gn", "--seed", "1,2", *TINY,
+        "--workers", "2", "--out", out,
+    )  # fmt: skip
+    return out, result
+
+
+def _args(data: Path, out: Path, *grid: str) -> list[str | Path]:
+    return ["sweep", "--data-dir", data, *grid, *TINY, "--workers", "2", "--out", out]
+
+
+# --- refusals before Ray starts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grid", "expected"),
+    [
+        (("--norm", "gn", "--groups", "2,3"), "point groups-3: --groups 3 does not divide"),
+        (("--seed", "1,2,1"), "--seed: value 1 is given twice"),
+        (("--norm", "bn,batch"), "'batch' is not one of"),
+        (("--lr", "0.1,fast"), "'fast' is not a valid float"),
+        (("--lr", "0,0.1"), "point lr-0: --lr must be positive"),
+        (("--augment", "maybe"), "not true or false"),
+    ],
+)
+def test_invalid_points_are_refused_before_anything_runs(
+    cli, sweep_data: Path, tmp_path: Path, grid: tuple[str, ...], expected: str
+) -> None:
+    out = tmp_path / "sweep"
+    started = time.perf_counter()
+    result = cli(*_args(sweep_data, out, *grid))
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not out.exists()  # nothing written
+    assert time.perf_counter() - started < 10  # no Ray start-up
+
+
+def test_options_that_cannot_be_swept_are_refused(cli, sweep_data: Path, tmp_path: Path) -> None:
+    result = cli(*_args(sweep_data, tmp_path / "s", "--resume", "x.safetensors"))
+    assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+# --- four runs on an embedded Ray ---------------------------------------------------------------
+
+
+def test_four_runs_give_four_ordinary_checkpoints_and_a_manifest(four_runs) -> None:
+    out, result = four_runs
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{out}\n"
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert names == [f"norm-{n}_seed-{s}.safetensors" for n in ("bn", "gn") for s in (1, 2)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {p["status"] for p in manifest["points"]} == {"done"}
+    assert manifest["swept"] == {"norm": ["bn", "gn"], "seed": [1, 2]}
+    for path in out.glob("*.safetensors"):
+        meta = read_metadata(path)
+        assert len(meta.history) == 2 and meta.train_args.threads == 1
+        assert f"norm-{meta.model_args.norm}_seed-{meta.train_args.seed}" == path.stem
+    assert len([line for line in result.stderr.splitlines() if line.startswith("done")]) == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_in_a_sweep_equals_the_same_run_by_train(four_runs, sweep_data, tmp_path) -> None:
+    out, _ = four_runs
+    spec = RunSpec.from_options(norm="gn", seed=2, epochs=2, batch_size=50, threads=1)
+    alone = tmp_path / "alone.safetensors"
+    train(spec, data_dir=sweep_data, device="cpu", out=alone)
+    _, swept = read_file(out / "norm-gn_seed-2.safetensors")
+    _, single = read_file(alone)
+    assert all(torch.equal(swept[k], v) for k, v in single.items() if k.startswith("model."))
+
+
+def test_group_by_matches_an_independent_computation(four_runs, cli) -> None:
+    out, _ = four_runs
+    result = cli("eval", out, "--group-by", "norm", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["norm"] for r in rows] == ["bn", "gn"]
+    for row in rows:
+        finals = [
+            read_metadata(out / f"norm-{row['norm']}_seed-{s}.safetensors").history[-1]
+            for s in (1, 2)
+        ]
+        accs = [f["test_accuracy"] for f in finals]
+        stats = row["test_accuracy"]
+        assert stats["n"] == 2
+        assert stats["mean"] == pytest.approx(statistics.mean(accs))
+        assert stats["std"] == pytest.approx(statistics.stdev(accs))
+        assert (stats["min"], stats["max"]) == (min(accs), max(accs))
+        assert row["test_loss"]["mean"] == pytest.approx(
+            statistics.mean(f["test_loss"] for f in finals)
+        )
+    csv = cli("eval", out, "--group-by", "norm", "--csv").stdout.splitlines()
+    assert csv[0].startswith("norm,n,test_accuracy_mean,test_accuracy_std")
+    assert len(csv) == 3
+    table = cli("eval", out, "--group-by", "norm,seed", "--markdown").stdout
+    assert table.count("\n| bn |") == 2
+    assert all("±" not in line for line in table.splitlines()[2:])  # one run per group: no std
+
+
+def test_re_running_after_the_driver_died_resumes_and_keeps_finished_runs(
+    four_runs, sweep_data: Path, cli
+) -> None:
+    out, _ = four_runs
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    victim = out / "norm-bn_seed-2.safetensors"
+    # The driver died during this point: its manifest entry says running, and its file holds
+    # epoch 1 of 2 (what the last save before the kill left).
+    spec = RunSpec.from_options(norm="bn", seed=2, epochs=2, batch_size=50, threads=1).resolve()
+    run = new_run(
+        spec, load_split("mnist", True, sweep_data), load_split("mnist", False, sweep_data),
+        torch.device("cpu"),
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sweep ran it
+    try:
+        run_epoch(run)
+    finally:
+        torch.set_num_threads(threads)
+    save_run(run, victim)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for point in manifest["points"]:
+        if point["name"] == victim.stem:
+            point["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    result = cli(*_args(sweep_data, out, "--norm", "bn,gn", "--seed", "1,2"))
+    assert result.exit_code == 0, result.stderr
+    assert "3 of 4 runs already done" in result.stderr
+    after = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    for name, raw in before.items():
+        if name != victim.name:
+            assert after[name] == raw, name  # finished points were not retrained
+    assert read_metadata(victim).history[-1]["epoch"] == 2
+    # The resumed run ends where the uninterrupted one had ended (bit-exact, same threads).
+    _, resumed = read_file(victim)
+    uninterrupted = safetensors.torch.load(before[victim.name])
+    _, other = read_file(out / "norm-bn_seed-1.safetensors")
+    weights = [k for k in resumed if k.startswith("model.")]
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in weights)
+    assert any(not torch.equal(other[k], resumed[k]) for k in weights)  # not trivially equal
+
+
+def test_a_bigger_grid_needs_extend(four_runs, sweep_data: Path, cli) -> None:
+    out, _ = four_runs
+    refused = cli(*_args(sweep_data, out, "--norm", "bn,gn", "--seed", "1,2,3"))
+    assert refused.exit_code == 2 and "--extend" in refused.stderr
+    assert "seed-3" in refused.stderr
+
+
+# --- a worker killed mid-run -------------------------------------------------------------------
+
+
+def dies_after_first_epoch(options: dict, output: str) -> dict:
+    """Sweep task whose first attempt kills its own worker once epoch 1 is saved."""
+    marker = Path(output).with_suffix(".died")
+    if not marker.exists():
+
+        def kill_when_saved() -> None:
+            while not Path(output).exists():
+                time.sleep(0.01)
+            marker.touch()
+            os._exit(1)  # like an OOM kill: no cleanup, no exception
+
+        threading.Thread(target=kill_when_saved, daemon=True).start()
+    return train_point(options, output, data_dir=options.pop("_data"))
+
+
+def test_a_killed_worker_is_retried_and_resumes_to_the_same_weights(
+    sweep_data: Path, tmp_path: Path
+) -> None:
+    ray = pytest.importorskip("ray")
+    fixed = {"norm": "gn", "epochs": 3, "batch_size": 25, "threads": 1, "seed": 4}
+    [point] = expand_grid({"seed": [4]}, {k: v for k, v in fixed.items() if k != "seed"})
+    point.options["_data"] = str(sweep_data)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        outcomes = run_points([point], dies_after_first_epoch, folder=tmp_path, max_retries=2)
+    finally:
+        ray.shutdown()
+    outcome = outcomes[point.name]
+    assert outcome.status == "done", outcome.error
+    assert (tmp_path / f"{point.name}.died").exists()  # the first attempt did die
+    assert outcome.attempts == 2
+    reference = tmp_path / "reference.safetensors"
+    train(RunSpec.from_options(**fixed), data_dir=sweep_data, device="cpu", out=reference)
+    _, resumed = read_file(tmp_path / f"{point.name}.safetensors")
+    _, uninterrupted = read_file(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+
+
+# --- study plots and aggregation ----------------------------------------------------------------
+
+
+def test_study_plot_draws_means_with_std_error_bars_on_a_log2_axis() -> None:
+    records = [
+        {"norm": n, "batch_size": b, "seed": s, "test_error": e}
+        for n, b, s, e in [("bn", 2, 1, 9.0), ("bn", 2, 2, 11.0), ("bn", 8, 1, 2.0),
+                           ("bn", 8, 2, 4.0), ("gn", 2, 1, 3.0), ("gn", 8, 1, 3.5)]
+    ]  # fmt: skip
+    rows = aggregate(records, ["norm", "batch_size"], ["test_error"])
+    fig = study_figure(rows, records, "batch_size", "test_error", "norm")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    data = {
+        c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+        for c in ax.containers
+    }
+    assert data["norm=bn"] == ([2, 8], [10.0, 3.0])
+    assert data["norm=gn"] == ([2, 8], [3.0, 3.5])
+    bars = [c for c in ax.containers if c.get_label() == "norm=bn"][0]
+    segments = bars.lines[2][0].get_segments()  # the vertical error bars
+    spans = [(seg[0][1], seg[1][1]) for seg in segments]
+    sd = statistics.stdev([9.0, 11.0])
+    assert spans[0] == pytest.approx((10 - sd, 10 + sd))
+    assert ax.get_xticks().tolist() == [2, 8]
+
+
+def test_checkpoint_records_hold_every_option_and_the_final_metrics(four_runs) -> None:
+    out, _ = four_runs
+    records = checkpoint_records(sorted(out.glob("*.safetensors")))
+    assert len(records) == 4
+    for record in records:
+        meta = read_metadata(record["path"])
+        assert record["test_error"] == pytest.approx(100 - meta.history[-1]["test_accuracy"])
+        assert record["batch_size"] == 50 and record["label"] == meta.label
+
+
+# --- the validation split ------------------------------------------------------------------------
+
+
+def test_hold_out_sizes_disjointness_and_determinism() -> None:
+    n = 50
+    split = Split(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), torch.arange(n))
+    train_a, val_a = hold_out(split, 12, seed=3)
+    train_b, val_b = hold_out(split, 12, seed=3)
+    _, val_c = hold_out(split, 12, seed=4)
+    assert (len(train_a), len(val_a)) == (38, 12)
+    assert set(train_a.labels.tolist()).isdisjoint(val_a.labels.tolist())
+    assert sorted(train_a.labels.tolist() + val_a.labels.tolist()) == list(range(n))
+    assert torch.equal(val_a.labels, val_b.labels) and torch.equal(train_a.labels, train_b.labels)
+    assert not torch.equal(val_a.labels, val_c.labels)
+    assert val_a.labels.tolist() == sorted(val_a.labels.tolist())  # original order kept
+    assert hold_out(split, 0, seed=3) == (split, None)
+    with pytest.raises(Exception, match="leaves no training images"):
+        hold_out(split, 50, seed=3)
+
+
+def test_train_with_val_records_validation_metrics(cli, sweep_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v.safetensors"
+    result = cli("train", "--data-dir", sweep_data, "--val", "40", *TINY, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    meta = read_metadata(out)
+    assert meta.train_args.val == 40
+    for row in meta.history:
+        assert 0 <= row["val_accuracy"] <= 100 and row["val_loss"] > 0
+        assert row["images_per_second"] * row["seconds"] == pytest.approx(160)  # 200 - 40
+    grouped = json.loads(cli("eval", out, "--group-by", "norm", "--json").stdout)
+    assert grouped[0]["val_accuracy"]["mean"] == pytest.approx(meta.history[-1]["val_accuracy"])
