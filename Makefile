@@ -1,13 +1,17 @@
 # Self-contained entry points: each sets up .venv on first use.
-#   make test                  run the test suite
-#   make study DATASET=mnist   the whole BN+L1 / GN / LN comparison (examples/compare_norms.sh)
+#   make test                              run the test suite
+#   make study DATASET=mnist               train BN+L1, GN, LN from scratch into runs/mnist/ and
+#                                          print the comparison table (OUT=... to choose the folder)
+#   make results DATASET=mnist             regenerate the committed bench/results/mnist/ (retrains)
+# DATA=DIR says where the datasets are (default: $NORMCLI_DATA, else ./data).
 VENV ?= .venv
 PYTHON ?= python3
 DATASET ?= mnist
 DATA ?= $(or $(NORMCLI_DATA),data)
+OUT ?= runs/$(DATASET)
 BIN = $(VENV)/bin
 
-.PHONY: install test study lint
+.PHONY: install test study results lint
 
 install: $(BIN)/normcli
 
@@ -20,7 +24,10 @@ test: install
 	$(BIN)/python -m pytest -q
 
 study: install
-	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir $(DATA)
+	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir $(DATA) --out $(OUT)
+
+results: install
+	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir $(DATA) --out bench/results/$(DATASET) --fresh
 
 lint: install
 	$(BIN)/pip install -q ruff

@@ -3,12 +3,14 @@
 # dataset, plot them together, show 10 misclassified images each, compare.
 #
 #   examples/compare_norms.sh DATASET [--epochs N] [--data-dir DIR] [--out DIR]
-#                                     [--limit N] [--device D] [--l1 LAMBDA]
+#                                     [--limit N] [--device D] [--l1 LAMBDA] [--fresh]
 #
-# Re-running it resumes unfinished runs and keeps finished ones.
+# Everything goes to --out (default runs/DATASET, which git ignores). Re-running it
+# resumes unfinished runs and keeps finished ones; --fresh retrains every run from scratch
+# (replacing the checkpoints in --out: `make results` uses it to regenerate bench/results).
 set -euo pipefail
 
-usage() { echo "usage: $0 mnist|cifar10 [--epochs N] [--data-dir DIR] [--out DIR] [--limit N] [--device D] [--l1 LAMBDA]" >&2; exit 2; }
+usage() { echo "usage: $0 mnist|cifar10 [--epochs N] [--data-dir DIR] [--out DIR] [--limit N] [--device D] [--l1 LAMBDA] [--fresh]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 dataset=$1; shift
 case $dataset in
@@ -16,11 +18,13 @@ case $dataset in
   cifar10) l1=1e-5 ;;
   *) usage ;;
 esac
-out=bench/results/$dataset
+out=runs/$dataset
+fresh=0
 data_opts=()   # where the data is and what runs it: every command
 limit_opts=()  # --limit: training, eval and misclassified
 epoch_opts=()
 while [[ $# -gt 0 ]]; do
+  if [[ $1 == --fresh ]]; then fresh=1; shift; continue; fi
   [[ $# -ge 2 ]] || usage
   case $1 in
     --epochs) epoch_opts=("$1" "$2"); shift 2 ;;
@@ -46,11 +50,11 @@ ckpts=()
 for run in "bn_l1:--norm bn --l1 $l1" "gn:--norm gn" "ln:--norm ln"; do
   name=${run%%:*}; read -r -a opts <<<"${run#*:}"
   ckpt="$out/$name.safetensors"
-  if [[ -f $ckpt ]]; then  # finished runs return at once; interrupted ones continue
+  if [[ -f $ckpt && $fresh == 0 ]]; then  # finished runs return at once; interrupted ones continue
     step "train $name" normcli train --resume "$ckpt" "${data_opts[@]}" >/dev/null
   else
     step "train $name" normcli train --dataset "$dataset" "${opts[@]}" "${epoch_opts[@]}" \
-      "${limit_opts[@]}" "${data_opts[@]}" --out "$ckpt" >/dev/null
+      "${limit_opts[@]}" "${data_opts[@]}" --out "$ckpt" --overwrite >/dev/null
   fi
   ckpts+=("$ckpt")
 done
