@@ -1,3 +1,5 @@
-from normcli.cli import run
+"""python -m normcli: the same entry point as the `normcli` command."""
+
+from normcli.entry import run
 
 run()

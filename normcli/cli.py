@@ -1,7 +1,10 @@
 """The Typer app: one function per command; each parses, calls the library, prints.
 
 Data goes to stdout (a path, or JSON with --json); progress, tables, hints and
-errors go to stderr. Errors are mapped to one line and an exit code in `main`.
+errors go to stderr. Errors are mapped to one line and an exit code in `main`:
+2 for a problem the user can fix, 1 for an internal error or a failed write to
+stdout, 130 / 143 when interrupted by SIGINT / SIGTERM, 141 (quietly) when the
+reader of stdout went away. The process entry point is `normcli.entry.run`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ from normcli import __version__
 from normcli.config import ModelArgs, RunSpec, TrainArgs
 from normcli.console import stderr
 from normcli.data import DATASETS
+from normcli.entry import (
+    BROKEN_PIPE,
+    INTERRUPTED,
+    StdoutError,
+    interrupt_exit_code,
+    interrupt_message,
+)
 from normcli.errors import NormcliError
 from normcli.evaluate import EVAL_BATCH_SIZE
 from normcli.norms import NORMS
@@ -31,7 +41,7 @@ app = typer.Typer(
     name="normcli",
     help="Compare BatchNorm, LayerNorm and GroupNorm in small CNNs on MNIST and CIFAR-10.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -82,14 +92,23 @@ ModelOpt = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
 ) -> None:
-    if version:
-        print(__version__)
-        raise typer.Exit()
+    pass
 
 
 # The run options, declared once: their names, types and defaults are the fields of the run
@@ -264,9 +283,11 @@ def eval_(
     batch_size: EvalBatchOpt = EVAL_BATCH_SIZE,
     device: DeviceOpt = Device.auto,
     confusion: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Write the confusion matrix heatmap here (a folder for several).",
+            help="Write the confusion matrix heatmap to this .png/.svg/.pdf file, or into "
+            "this folder (ending in /, or for several checkpoints; created if missing) as "
+            "<checkpoint>_confusion.png.",
             show_default=False,
         ),
     ] = None,
@@ -286,7 +307,7 @@ def eval_(
     """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix; with
     --group-by, statistics over seeds. Arguments may be folders (a sweep's checkpoints)."""
     from normcli.checkpoint import find_checkpoints, load_checkpoint
-    from normcli.console import markdown_table, show_comparison, show_report
+    from normcli.console import markdown_table, show_comparison, show_report, step_progress
     from normcli.evaluate import report, test_splits
     from normcli.outputs import plan_outputs
     from normcli.train import resolve_device
@@ -299,16 +320,22 @@ def eval_(
     ckpts = [load_checkpoint(p) for p in checkpoints]  # every input checked before any work
     if confusion is not None:
         defaults = [c.path.with_name(f"{c.path.stem}_confusion.png") for c in ckpts]
-        confusion_paths = plan_outputs(confusion, defaults, overwrite)
+        plan = plan_outputs(confusion, defaults, overwrite, option="--confusion")
     splits = test_splits(ckpts, data_dir, limit, dev)
-    reports = [report(c, splits[c.meta.dataset], batch_size) for c in ckpts]
+    reports = []
+    with step_progress("evaluating", len(ckpts)) as advance:
+        for ckpt in ckpts:
+            advance(ckpt.path.name)
+            reports.append(report(ckpt, splits[ckpt.meta.dataset], batch_size))
     if confusion is not None:
         from normcli.plots import confusion_figure, save_figure
 
-        for ckpt, rep, path in zip(ckpts, reports, confusion_paths, strict=True):
-            title = f"{rep.name}: {rep.label}, {rep.metrics.accuracy:.2f}% on {rep.dataset}"
-            save_figure(confusion_figure(rep.metrics.confusion, ckpt.meta.class_names, title), path)
-            print(path)
+        with plan.claim() as paths:
+            for ckpt, rep, path in zip(ckpts, reports, paths, strict=True):
+                title = f"{rep.name}: {rep.label}, {rep.metrics.accuracy:.2f}% on {rep.dataset}"
+                figure = confusion_figure(rep.metrics.confusion, ckpt.meta.class_names, title)
+                save_figure(figure, path)
+                print(path)
     if json_:
         _print_json([r.to_dict() for r in reports])
     elif markdown:
@@ -350,10 +377,11 @@ def misclassified(
     ] = SortOrder.index,
     cols: Annotated[int, typer.Option(help="Grid columns.")] = 5,
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Grid image path (a folder for several checkpoints). "
-            "Default: <checkpoint>_misclassified.png beside it.",
+            help="Grid image path (.png/.svg/.pdf), or a folder (ending in /, or for several "
+            "checkpoints; created if missing). "
+            "Default: <checkpoint>_misclassified_n<N>_<sort>.png beside it.",
             show_default=False,
         ),
     ] = None,
@@ -364,7 +392,8 @@ def misclassified(
     device: DeviceOpt = Device.auto,
     json_: JsonOpt = False,
 ) -> None:
-    """Write one annotated grid of misclassified test images per checkpoint."""
+    """Write one annotated grid of misclassified test images per checkpoint (also with --json,
+    which lists the images on stdout instead of the paths)."""
     from normcli.checkpoint import load_checkpoint
     from normcli.evaluate import test_splits
     from normcli.outputs import plan_outputs
@@ -377,33 +406,37 @@ def misclassified(
         raise NormcliError(f"--cols must be positive, got {cols}")
     dev = resolve_device(device.value)
     ckpts = [load_checkpoint(p) for p in checkpoints]
-    defaults = [c.path.with_name(f"{c.path.stem}_misclassified.png") for c in ckpts]
-    paths = plan_outputs(out, defaults, overwrite)
+    # The name records what the grid shows: runs with another --n or --sort do not collide.
+    name = f"misclassified_n{n}_{sort.value}.png"
+    defaults = [c.path.with_name(f"{c.path.stem}_{name}") for c in ckpts]
+    plan = plan_outputs(out, defaults, overwrite)
     splits = test_splits(ckpts, data_dir, limit, dev)
     docs = []
-    for ckpt, path in zip(ckpts, paths, strict=True):
-        split = splits[ckpt.meta.dataset]
-        mistakes = write_misclassified_grid(
-            ckpt, split, path, n=n, sort=sort.value, cols=cols, batch_size=batch_size
-        )
-        if len(mistakes) < n:
-            stderr.print(
-                f"{ckpt.path}: only {len(mistakes)} of {len(split)} test images are "
-                f"misclassified (asked for {n}); showing those",
-                highlight=False,
+    with plan.claim() as paths:
+        for ckpt, path in zip(ckpts, paths, strict=True):
+            split = splits[ckpt.meta.dataset]
+            mistakes = write_misclassified_grid(
+                ckpt, split, path, n=n, sort=sort.value, cols=cols, batch_size=batch_size
             )
-        names = ckpt.meta.class_names
-        docs.append({
-            "checkpoint": str(ckpt.path),
-            "output": str(path),
-            "misclassified": [
-                {"index": m.index, "true": names[m.true], "predicted": names[m.predicted],
-                 "probability": m.probability}
-                for m in mistakes
-            ],
-        })  # fmt: skip
-        if not json_:
-            print(path)
+            if len(mistakes) < n:
+                stderr.print(
+                    f"{ckpt.path}: only {len(mistakes)} of {len(split)} test images are "
+                    f"misclassified (asked for {n}); showing those",
+                    highlight=False,
+                    markup=False,
+                )
+            names = ckpt.meta.class_names
+            docs.append({
+                "checkpoint": str(ckpt.path),
+                "output": str(path),
+                "misclassified": [
+                    {"index": m.index, "true": names[m.true], "predicted": names[m.predicted],
+                     "probability": m.probability}
+                    for m in mistakes
+                ],
+            })  # fmt: skip
+            if not json_:
+                print(path)
     if json_:
         _print_json(docs)
 
@@ -420,10 +453,10 @@ def plot(
         ),
     ] = None,
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Figure path (a folder for several figures). "
-            "Default: beside the first checkpoint.",
+            help="Figure path (.png/.svg/.pdf), or a folder (ending in /, or for several "
+            "figures; created if missing). Default: beside the first checkpoint.",
             show_default=False,
         ),
     ] = None,
@@ -451,48 +484,61 @@ def plot(
     """Training curves of several runs on the same axes, from their stored histories; with
     --x, a study plot: a final metric against a run option, mean ± std over seeds."""
     from normcli.checkpoint import find_checkpoints, read_metadata
-    from normcli.outputs import plan_outputs
-    from normcli.plots import DEFAULT_GRID, curves_figure, default_title, run_labels, save_figure
+    from normcli.outputs import image_format, plan_outputs
+    from normcli.plots import (
+        DEFAULT_GRID,
+        curves_figure,
+        default_title,
+        mixed_datasets_warning,
+        run_labels,
+        save_figure,
+    )
 
     checkpoints = find_checkpoints(checkpoints)
     metas = [read_metadata(p) for p in checkpoints]
     if x is not None:
         _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
         return
-    suffix = fmt.value if fmt else (out.suffix.lstrip(".") if out and out.suffix else "png")
-    if suffix not in Format.__members__:
-        raise NormcliError(f"--out {out}: unknown image format {suffix!r}; use png, svg or pdf")
     figures = [[m.value] for m in metric] if metric else [list(DEFAULT_GRID)]
+    suffix = fmt.value if fmt else "png"
     defaults = [
         checkpoints[0].parent / f"{'curves' if len(f) > 1 else f[0]}.{suffix}" for f in figures
     ]
-    paths = plan_outputs(out, defaults, overwrite)
+    plan = plan_outputs(out, defaults, overwrite)
+    formats = [image_format(p) or suffix for p in plan]
+    if fmt and formats[0] != fmt.value:
+        raise NormcliError(f"--out {out} names a {formats[0]} file, but --format is {fmt.value}")
     runs = [
         (label, m.history) for label, m in zip(run_labels(metas, checkpoints), metas, strict=True)
     ]
     heading = title or default_title(metas)
-    for metrics, path in zip(figures, paths, strict=True):
-        save_figure(curves_figure(runs, metrics, heading), path, suffix)
-        print(path)
+    warning = mixed_datasets_warning(metas)
+    if warning:
+        _warn(warning)
+    with plan.claim() as paths:
+        for metrics, path, image in zip(figures, paths, formats, strict=True):
+            save_figure(curves_figure(runs, metrics, heading), path, image)
+            print(path)
 
 
 def _study_plot(
     checkpoints: list[Path], metas: list, x: str, y: str, hue: str | None,
     out: Path | None, fmt: Format | None, title: str | None, overwrite: bool,
 ) -> None:  # fmt: skip
-    from normcli.outputs import plan_outputs
+    from normcli.outputs import image_format, plan_outputs
     from normcli.plots import default_title, save_figure, study_figure
     from normcli.sweep import aggregate, checkpoint_records
 
-    records = checkpoint_records(checkpoints)
-    keys = [hue, x] if hue else [x]
-    rows = aggregate(records, keys, [y])
-    suffix = fmt.value if fmt else (out.suffix.lstrip(".") if out and out.suffix else "png")
+    suffix = fmt.value if fmt else "png"
     default = checkpoints[0].parent / f"{y}_by_{x}{f'_{hue}' if hue else ''}.{suffix}"
-    [path] = plan_outputs(out, [default], overwrite)
+    plan = plan_outputs(out, [default], overwrite)
+    image = image_format(plan.paths[0]) or suffix
+    records = checkpoint_records(checkpoints)
+    rows = aggregate(records, [hue, x] if hue else [x], [y])
     fig = study_figure(rows, records, x, y, hue, title or default_title(metas))
-    save_figure(fig, path, suffix)
-    print(path)
+    with plan.claim() as [path]:
+        save_figure(fig, path, image)
+        print(path)
 
 
 @app.command()
@@ -605,10 +651,12 @@ def summary(
     from normcli.checkpoint import load_checkpoint
     from normcli.console import print_table
     from normcli.models import build_model, resolve_groups
-    from normcli.summary import layer_summary, params_per_norm, registry_table
+    from normcli.summary import layer_summary, model_description, params_per_norm, registry_table
 
     if list_:
         rows = registry_table()
+        for row in rows:
+            row["description"] = model_description(row["name"])
         if json_:
             _print_json(rows)
             return
@@ -652,23 +700,35 @@ def summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app and maps every error to one stderr line and an exit code."""
+    """Run the app; map every error to one stderr line and an exit code (see the module doc)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    code = _run_app(args, debug="--debug" in args)
+    try:
+        sys.stdout.flush()  # a full stdout is only found out when the data is flushed
+    except StdoutError as e:
+        return _stdout_exit_code(e.error) if code == 0 else code
+    return code
+
+
+def _run_app(args: list[str], debug: bool) -> int:
     try:
         result = app(args=args, prog_name="normcli", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except NormcliError as e:
         _fail(as_flags(str(e)))
-        return e.exit_code
+        return interrupt_exit_code() if e.exit_code == INTERRUPTED else e.exit_code
     except typer.Exit as e:
         return e.exit_code
+    except SystemExit as e:  # shell completion ends with sys.exit
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     except typer.TyperException as e:  # usage errors: bad option, bad value, missing argument
         _fail(" ".join(e.format_message().replace("Value error, ", "").split()))
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted")
-        return 130
+        _fail(interrupt_message())
+        return interrupt_exit_code()
+    except StdoutError as e:  # printing the result failed, not the work
+        return _stdout_exit_code(e.error)
     except Exception as e:  # an internal error: still one line, unless --debug
         if debug:
             traceback.print_exc()
@@ -678,8 +738,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _stdout_exit_code(error: OSError | ValueError) -> int:
+    if isinstance(error, BrokenPipeError):  # the reader has all it wanted (`| head -1`)
+        return BROKEN_PIPE
+    reason = getattr(error, "strerror", None) or str(error)
+    _fail(f"cannot write to standard output ({reason})")
+    return 1
+
+
 def _fail(message: str) -> None:
     print(f"normcli: error: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"normcli: warning: {message}", file=sys.stderr)
 
 
 def _print_json(doc: Any) -> None:
@@ -687,5 +759,7 @@ def _print_json(doc: Any) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point (kept for old installs; see `normcli.entry.run`)."""
+    from normcli.entry import run as entry_run
+
+    entry_run()

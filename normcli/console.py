@@ -1,38 +1,57 @@
-"""Human output: rich progress bar and tables on stderr; stdout stays for data."""
+"""Human output: rich progress bar and tables on stderr; stdout stays for data.
+
+Text from files and arguments (checkpoint names, class names, paths) reaches rich as
+`Text` objects or with markup=False: a '[/]' in a file name is printed, never parsed.
+Progress bars are drawn on a terminal only; logs get the per-epoch lines, no bar residue.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from normcli.evaluate import CheckpointReport
-from normcli.norms import format_lambda
 
 # Piped or captured output has no terminal width to fit; rich would assume 80 columns and
 # squeeze wide tables into truncated cells. Give it room unless COLUMNS says otherwise.
 PIPE_WIDTH = 160
+# Narrower than this, tables lose their columns (COLUMNS=0 drops them altogether): a COLUMNS
+# below it is ignored, as is a terminal that reports less.
+MIN_WIDTH = 40
 
 
 def _console(**kwargs: Any) -> Console:
     console = Console(**kwargs)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) >= MIN_WIDTH:
+        return console
+    if not console.is_terminal:
         console.width = PIPE_WIDTH
+    elif console.width < MIN_WIDTH:
+        console.width = MIN_WIDTH
     return console
 
+
+LOG_SECONDS = 30.0  # progress lines in a log: one per this many seconds within an epoch
 
 stderr = _console(stderr=True)
 stdout = _console()
@@ -53,8 +72,12 @@ class ProgressReporter:
             TimeRemainingColumn(),
             console=console,
             transient=True,
+            disable=not console.is_terminal,  # a bar in a log is noise (and a stray blank line)
         )
         self.task: Any = None
+        self.epoch = ""
+        self.total = 0
+        self.last_line = time.monotonic()
 
     def __enter__(self) -> ProgressReporter:
         self.progress.start()
@@ -66,14 +89,27 @@ class ProgressReporter:
     def start_epoch(self, epoch: int, epochs: int, num_batches: int) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
+        self.epoch, self.total = f"{epoch}/{epochs}", num_batches
         self.task = self.progress.add_task(
-            "train", total=num_batches, epoch=f"{epoch}/{epochs}", loss=0.0, acc=0.0, speed=0.0
+            "train", total=num_batches, epoch=self.epoch, loss=0.0, acc=0.0, speed=0.0
         )
 
     def batch(self, done: int, loss: float, accuracy: float, images_per_s: float) -> None:
         self.progress.update(self.task, completed=done, loss=loss, acc=accuracy, speed=images_per_s)
+        # In a log (no bar), a line every LOG_SECONDS says the run is alive and how fast.
+        now = time.monotonic()
+        if not self.console.is_terminal and now - self.last_line >= LOG_SECONDS:
+            self.last_line = now
+            self.console.print(
+                f"epoch {self.epoch}  batch {done}/{self.total}  loss {loss:.4f} "
+                f"acc {accuracy:.2f}%  {images_per_s:.0f} img/s",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
 
     def end_epoch(self, row: dict[str, float]) -> None:
+        self.last_line = time.monotonic()
         self.console.print(
             f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f} "
@@ -87,13 +123,18 @@ class ProgressReporter:
 def print_table(
     title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], console: Console = stdout
 ) -> None:
-    """A rich table (on stdout: it is the command's result); numbers right-aligned."""
-    table = Table(title=title, title_justify="left")
+    """A rich table (on stdout: it is the command's result); numbers right-aligned.
+
+    The title is its own line, so a narrow table does not wrap it; every title, header and
+    cell is plain text.
+    """
+    table = Table()
     for i, name in enumerate(columns):
         numeric = bool(rows) and isinstance(rows[0][i], (int, float))
-        table.add_column(name, justify="right" if numeric else "left")
+        table.add_column(Text(str(name)), justify="right" if numeric else "left")
     for row in rows:
-        table.add_row(*(_fmt(v) for v in row))
+        table.add_row(*(Text(_fmt(v)) for v in row))
+    console.print(Text(title, style="italic"), soft_wrap=True)
     console.print(table)
 
 
@@ -130,10 +171,14 @@ def show_report(rep: CheckpointReport, class_names: Sequence[str]) -> None:
     """One checkpoint: headline numbers, per-class accuracy, confusion matrix."""
     m = rep.metrics
     stdout.print(
-        f"[bold]{rep.name}[/]  {rep.model}, {rep.label}, {rep.params:,} params, {rep.dataset}\n"
-        f"test loss {m.loss:.4f}  test accuracy {m.accuracy:.2f}%  "
-        f"({m.correct}/{m.total})  Total incorrect predictions: {m.wrong}",
+        Text.assemble(
+            (rep.name, "bold"),
+            f"  {rep.model}, {rep.label}, {rep.params:,} params, {rep.dataset}\n"
+            f"test loss {m.loss:.4f}  test accuracy {m.accuracy:.2f}%  "
+            f"({m.correct}/{m.total})  Total incorrect predictions: {m.wrong}",
+        ),
         soft_wrap=True,
+        highlight=False,
     )
     print_table(
         "Per-class accuracy",
@@ -151,12 +196,12 @@ def show_report(rep: CheckpointReport, class_names: Sequence[str]) -> None:
 
 
 def show_comparison(reports: Sequence[CheckpointReport]) -> None:
-    """Several checkpoints: one row each."""
-    columns = ["run", "norm", "groups", "l1", "params", "best acc (%)", "final acc (%)",
-               "eval acc (%)", "wrong"]  # fmt: skip
+    """Several checkpoints: one row each, labelled as in the Markdown table."""
+    columns = ["run", "norm", "params", "best acc (%)", "final acc (%)", "eval acc (%)",
+               "wrong"]  # fmt: skip
     rows = [
-        (r.name, r.norm, r.groups, format_lambda(r.l1) if r.l1 else "-", r.params,
-         r.best_accuracy, r.final_accuracy, r.metrics.accuracy, r.metrics.wrong)
+        (r.name, r.label, r.params, r.best_accuracy, r.final_accuracy, r.metrics.accuracy,
+         r.metrics.wrong)
         for r in reports
     ]  # fmt: skip
     print_table("Comparison", columns, rows)
@@ -239,6 +284,7 @@ class SweepProgress:
             TimeRemainingColumn(),
             console=console,
             transient=True,
+            disable=not console.is_terminal,
         )
         self.task: Any = None
 
@@ -277,3 +323,30 @@ class SweepProgress:
             running=self.running,
             failed=self.failed,
         )
+
+
+@contextlib.contextmanager
+def step_progress(what: str, total: int, console: Console = stderr) -> Iterator[Any]:
+    """A transient 'what name (i/total)' spinner on a terminal, nothing in a log.
+
+    Yields `advance(name)`, called before each step with the name of what it works on.
+    """
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("", total=total)
+    done = -1
+
+    def advance(name: str) -> None:
+        nonlocal done
+        done += 1
+        progress.update(task, completed=done, description=escape(f"{what} {name}"), refresh=True)
+
+    with progress:
+        yield advance

@@ -1,32 +1,136 @@
-"""Where output files go, and the one overwrite rule: refuse an existing file unless --overwrite."""
+"""Where output files go, and the rules every command that writes figures follows.
+
+- No `--out`: the default paths. An existing folder, a path ending in `/`, or an `--out` for
+  several files is a folder: the default names go inside it, and a missing folder is created
+  (with its parents) only when the outputs are claimed, after every check has passed.
+- Otherwise `--out` names one file, whose extension picks the format: png, svg or pdf in
+  any case (`x.PNG` is written as PNG under that name); any other extension, or none, is
+  refused before any work.
+- An existing file is refused unless `overwrite`; anything but a regular file always is.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from normcli.checkpoint import check_writable
+from normcli.checkpoint import (
+    check_folder_writable,
+    check_replaceable,
+    check_writable,
+    exclusive_output,
+)
 from normcli.errors import NormcliError
 
+FORMATS = ("png", "svg", "pdf")
 
-def plan_outputs(out: Path | None, defaults: Sequence[Path], overwrite: bool) -> list[Path]:
+
+def image_format(path: Path) -> str | None:
+    """The image format a path's extension names (png, svg, pdf, any case), else None."""
+    suffix = path.suffix.lstrip(".").lower()
+    return suffix if suffix in FORMATS else None
+
+
+@dataclass
+class OutputPlan:
+    """Checked output paths; `claim()` makes the folder and holds the paths while writing."""
+
+    paths: list[Path]
+    overwrite: bool
+    missing: list[Path] = field(default_factory=list)  # folders to create, outermost first
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[list[Path]]:
+        """Create the missing folder, then hold every path against other normcli processes."""
+        created = []
+        try:
+            for folder in self.missing:
+                folder.mkdir(exist_ok=True)
+                created.append(folder)
+            with contextlib.ExitStack() as stack:
+                for path in self.paths:
+                    stack.enter_context(exclusive_output(path))
+                    # Checked again under the claim: another process may have written it since.
+                    _check_target(path, self.overwrite)
+                yield self.paths
+        except BaseException:
+            for folder in reversed(created):  # leave no empty folder behind a failure
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+
+
+def plan_outputs(
+    out: str | os.PathLike[str] | None,
+    defaults: Sequence[Path],
+    overwrite: bool,
+    *,
+    option: str = "--out",
+) -> OutputPlan:
     """Output paths: the defaults, or inside `out` when it is a folder, or `out` for one file.
 
-    Checked before any work: an existing file is refused unless `overwrite`, and
-    every folder must exist and be writable.
+    Checked before any work, as the module docstring says; `option` names the CLI option in
+    the messages. Nothing is created here: see `OutputPlan.claim`.
     """
+    missing: list[Path] = []
     if out is None:
         paths = list(defaults)
-    elif out.is_dir():
-        paths = [out / d.name for d in defaults]
-    elif len(defaults) > 1:
-        raise NormcliError(f"--out {out}: writing {len(defaults)} files needs an existing folder")
     else:
-        paths = [out]
-    if len(set(paths)) != len(paths):
-        raise NormcliError("two outputs would have the same file name; pass --out for each")
+        text = os.fspath(out)
+        folder = Path(text)
+        if folder.is_dir() or text.endswith(("/", os.sep)) or len(defaults) > 1:
+            missing = _missing_folders(folder, option, len(defaults))
+            paths = [folder / d.name for d in defaults]
+        else:
+            if image_format(folder) is None:
+                raise NormcliError(_format_problem(option, text, folder))
+            paths = [folder]
     for path in paths:
-        if path.exists() and not overwrite:
-            raise NormcliError(f"{path} exists; pass --overwrite to replace it")
-        check_writable(path)
-    return paths
+        if paths.count(path) > 1:
+            raise NormcliError(f"two outputs would both be {path}; write them one at a time")
+    for path in paths:
+        if not missing:  # inside a folder still to be made there is nothing to check
+            _check_target(path, overwrite)
+            check_writable(path)
+    return OutputPlan(paths, overwrite, missing)
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    check_replaceable(path)
+    if path.exists() and not overwrite:
+        raise NormcliError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _format_problem(option: str, text: str, path: Path) -> str:
+    formats = ", ".join(FORMATS[:-1]) + f" or {FORMATS[-1]}"
+    if not path.suffix:
+        return (
+            f"{option} {text}: no image extension; name a .png, .svg or .pdf file, "
+            f"or end it with / for a folder"
+        )
+    return f"{option} {text}: unknown image format {path.suffix!r}; use {formats}"
+
+
+def _missing_folders(folder: Path, option: str, count: int) -> list[Path]:
+    """The folders to create for `folder` (outermost first), after checking they can be."""
+    missing = []
+    current = folder
+    while not current.exists() and not current.is_symlink():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    if not current.is_dir():
+        what = f"writing {count} files needs a folder" if count > 1 else "not a folder"
+        raise NormcliError(f"{option} {folder}: {what}, and {current} is a file")
+    check_folder_writable(current, folder)
+    return missing[::-1]

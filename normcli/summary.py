@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torchinfo
 from torch import nn
+from torchinfo.enums import Units
 
 from normcli.data import DATASETS
 from normcli.models import build_model, count_params, get_model_info, list_models, valid_groups
@@ -57,6 +59,8 @@ def layer_summary(model: nn.Module, name: str, norm: str, groups: int | None) ->
     stats = torchinfo.summary(
         model, input_size=shape, col_names=COLUMNS, depth=3, verbose=0, device="cpu"
     )
+    # The exact count: torchinfo's automatic unit prints as "(Units.MEGABYTES)" on Python 3.11+.
+    stats.formatting.macs_units = Units.NONE
     return LayerSummary(name, norm, groups, shape, stats)
 
 
@@ -94,3 +98,13 @@ def registry_table() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def model_description(name: str) -> str:
+    """The first paragraph of model `name`'s docstring, on one line.
+
+    The registry keeps only the docstring's first line, which can stop mid-sentence; this
+    belongs in `models.register` and can go once the registry stores the paragraph.
+    """
+    doc = inspect.getdoc(get_model_info(name).builder) or ""
+    return " ".join(doc.split("\n\n")[0].split())

@@ -151,7 +151,7 @@ def test_misclassified_several_checkpoints_one_grid_each(
     result = cli("misclassified", *paths, "--n", "4", "--out", tmp_path, "--data-dir", tiny_data)
     assert result.exit_code == 0, result.stderr
     written = [Path(line) for line in result.stdout.splitlines()]
-    assert written == [tmp_path / f"{p.stem}_misclassified.png" for p in paths]
+    assert written == [tmp_path / f"{p.stem}_misclassified_n4_index.png" for p in paths]
     assert all(png_size(p)[0] > 0 for p in written)
 
 
