@@ -469,3 +469,17 @@ def _save_file(tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, s
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code)) from None
+
+
+def history_records(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """One record per run and epoch (like timm's summary.csv, for pandas or a spreadsheet):
+    the run's name, path and label, every run option, then the epoch's history row. The
+    option `lr` (the schedule's peak) is `peak_lr` here: `lr` is the epoch's rate."""
+    rows = []
+    for path in paths:
+        meta = read_metadata(path)
+        options = meta.run.options()
+        options["peak_lr"] = options.pop("lr")
+        run = {"run": Path(path).stem, "path": str(path), "label": meta.label, **options}
+        rows += [{**run, **{k: row.get(k) for k in HISTORY_KEYS}} for row in meta.history]
+    return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import sys
 import traceback
 import typing
@@ -204,7 +205,12 @@ def train(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = Device.auto,
     out: Annotated[
-        Path | None, typer.Option(help="Checkpoint path. Default: checkpoints/<run>.safetensors")
+        str | None,
+        typer.Option(
+            help="Checkpoint path, or a folder (ending in /) for the default name. "
+            "Default: checkpoints/<run>.safetensors",
+            show_default=False,
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing checkpoint.")] = False,
     resume: Annotated[
@@ -542,6 +548,24 @@ def _study_plot(
 
 
 @app.command()
+def history(
+    checkpoints: CkptsArg,
+    json_: JsonOpt = False,
+) -> None:
+    """Per-epoch history of runs as CSV on stdout (one row per run and epoch), or --json."""
+    from normcli.checkpoint import find_checkpoints, history_records
+    from normcli.console import to_csv
+
+    rows = history_records(find_checkpoints(checkpoints))
+    if json_:
+        _print_json(rows)
+        return
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [["" if row.get(c) is None else row.get(c) for c in columns] for row in rows]
+    print(to_csv(columns, cells), end="")
+
+
+@app.command()
 @with_run_options(as_lists=True)
 def sweep(
     out: Annotated[Path, typer.Option(help="Sweep folder: one checkpoint per point + manifest.")],
@@ -755,7 +779,18 @@ def _warn(message: str) -> None:
 
 
 def _print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2))
+    """One JSON document on stdout; a non-finite number is written as null (JSON has none)."""
+    print(json.dumps(_finite(doc), indent=2, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def run() -> None:

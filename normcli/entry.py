@@ -172,10 +172,21 @@ def release_stdout() -> None:
         sys.stdout = None  # type: ignore[assignment]
 
 
+def configure_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
+
+    Must run before torch loads its OpenMP runtime. With the default spinning, several
+    normcli processes sharing the cores starve each other: two trainings at 2 threads each
+    on a 2-core machine ran at 59 and 54 img/s, against 1,640 and 1,969 img/s with passive
+    waiting (bench/results/threads.md)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def run() -> None:
     """Console-script entry point."""
     install_signal_handlers()
     configure_streams()
+    configure_threads()
     try:
         from normcli.cli import main
 

@@ -33,6 +33,7 @@ from normcli.checkpoint import (
     EpochRecord,
     ResumeState,
     check_writable,
+    exclusive_output,
     load_checkpoint,
     save_checkpoint,
 )
@@ -408,11 +409,16 @@ def train(
     reporter: Reporter | None = None,
     resume_from: Checkpoint | None = None,
 ) -> TrainResult:
-    """Train a model as `spec` says and write its checkpoint after every epoch."""
+    """Train a model as `spec` says and write its checkpoint after every epoch.
+
+    `out` is the checkpoint's path, or a folder (one that exists, or a path ending in '/') for
+    the default file name; by default checkpoints/<run>.safetensors. A folder is created
+    after the data has loaded; the file is claimed against other normcli processes while
+    the run writes it."""
     spec = spec.resolve()
     dev = resolve_device(device)
-    path = Path(out) if out is not None else spec.default_path()
-    if out is not None or path.parent.is_dir():  # the default folder is made after the data loads
+    path = output_path(spec, out)
+    if path.parent.is_dir():  # a missing folder is made after the data loads
         check_writable(path)
     if resume_from is None and path.exists() and not overwrite:
         raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
@@ -421,17 +427,27 @@ def train(
     try:
         with _threads(spec.train.threads):
             run = start_run(spec, data_dir=data_dir, device=dev, resume_from=resume_from)
-            if out is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                check_writable(path)
-            while not run.done:
-                row = run_epoch(run, reporter)
-                save_run(run, path)  # atomic: the epoch is in, or not
-                saved = run.epoch
-                reporter.end_epoch(row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(path)
+            with exclusive_output(path):
+                while not run.done:
+                    row = run_epoch(run, reporter)
+                    save_run(run, path)  # atomic: the epoch is in, or not
+                    saved = run.epoch
+                    reporter.end_epoch(row)
     except KeyboardInterrupt:
         raise _interrupted(path, saved, spec.train.epochs, data_dir) from None
     return TrainResult(path, run.history, count_params(run.model))
+
+
+def output_path(spec: RunSpec, out: str | os.PathLike[str] | None) -> Path:
+    """Where a run's checkpoint goes: `out`, or its default name inside folder `out` (an
+    existing folder or a path ending in '/'), or the default path."""
+    if out is None:
+        return spec.default_path()
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / spec.default_path().name
+    return Path(out)
 
 
 def _interrupted(
