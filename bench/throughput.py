@@ -56,8 +56,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -88,7 +86,7 @@ from normcli.data import (
 from normcli.errors import NormcliError
 from normcli.evaluate import EVAL_BATCH_SIZE, evaluate
 from normcli.norms import NORMS
-from normcli.train import new_run, train_epoch
+from normcli.train import new_run, train_epoch, use_threads
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
@@ -196,18 +194,6 @@ class Timing:
         return self.images / self.seconds
 
 
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` intra-op threads (None: leave torch's setting alone)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def normcli_train(bench: Bench, images: int) -> tuple[Timing, nn.Module]:
     """A: one epoch of `images` images through normcli's own training step."""
     split = bench.train_split.head(images)
@@ -248,7 +234,7 @@ def reference_train(bench: Bench, images: int) -> tuple[Timing, nn.Module]:
     model.train()
     loss_sum, correct, seen, first = 0.0, 0, 0, None
     gc.collect()
-    with torch_threads(bench.reference_threads):
+    with use_threads(bench.reference_threads):
         start = time.perf_counter()
         for x, y in loader:  # exhausting the loader also stops its workers: counted
             if first is None:
@@ -281,7 +267,7 @@ def reference_eval(bench: Bench, model: nn.Module, images: int) -> Timing:
     model.eval()
     loss_sum, correct, seen, first = 0.0, 0, 0, None
     gc.collect()
-    with torch_threads(bench.reference_threads), torch.no_grad():
+    with use_threads(bench.reference_threads), torch.no_grad():
         start = time.perf_counter()
         for x, y in loader:
             if first is None:

@@ -9,6 +9,7 @@ reader of stdout went away. The process entry point is `normcli.entry.run`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -24,6 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from normcli import __version__
+from normcli.checkpoint import HISTORY_KEYS
 from normcli.config import ModelArgs, RunSpec, TrainArgs
 from normcli.console import stderr
 from normcli.data import DATASETS
@@ -263,12 +265,13 @@ class SortOrder(str, Enum):
     confidence = "confidence"
 
 
-class Metric(str, Enum):
-    test_loss = "test_loss"
-    test_accuracy = "test_accuracy"
-    train_loss = "train_loss"
-    train_accuracy = "train_accuracy"
-    lr = "lr"
+# The per-epoch metrics a curve can show: the history's keys (declared once, in
+# checkpoint.EpochRecord), less the epoch number and the timings.
+Metric = Enum(
+    "Metric",
+    {k: k for k in HISTORY_KEYS if k not in ("epoch", "seconds", "images_per_second")},
+    type=str,
+)
 
 
 class Format(str, Enum):
@@ -506,6 +509,9 @@ def plot(
         _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
         return
     figures = [[m.value] for m in metric] if metric else [list(DEFAULT_GRID)]
+    for name in {m for f in figures for m in f}:
+        if not any(name in row for meta in metas for row in meta.history):
+            raise NormcliError(f"--metric {name}: no run records it (val_*: train with --val)")
     suffix = fmt.value if fmt else "png"
     defaults = [
         checkpoints[0].parent / f"{'curves' if len(f) > 1 else f[0]}.{suffix}" for f in figures
@@ -588,7 +594,7 @@ def sweep(
     """Train the product of comma-separated run options (e.g. --norm bn,gn --seed 1,2,3), as
     Ray tasks; prints the sweep folder. Re-running resumes; see `eval --group-by`."""
     from normcli.console import SweepProgress
-    from normcli.sweep import expand_grid, open_sweep, run_sweep, train_point
+    from normcli.sweep import expand_grid, import_ray, open_sweep, run_sweep, train_point
 
     given = {k: v for k, v in options.items() if v is not None}
     parsed = {k: parse_list(k, v) for k, v in given.items()}
@@ -609,13 +615,16 @@ def sweep(
             spec_from_options(point.options)
         except NormcliError as e:
             raise NormcliError(f"point {point.name}: {as_flags(str(e))}") from None
+    import_ray()  # without Ray: one line on how to install it, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     manifest, mode = open_sweep(out, swept, fixed, extend=extend)
     task = functools.partial(
         train_point, data_dir=None if data_dir is None else str(data_dir.resolve()),
         device=device.value,
     )  # fmt: skip
-    with SweepProgress(manifest) as progress:
+    # Ray's own notices (a worker died, retries left) are printed to stdout from its threads:
+    # stdout is for the folder path alone.
+    with SweepProgress(manifest) as progress, contextlib.redirect_stdout(sys.stderr):
         outcomes = run_sweep(
             out, task, on_event=progress.event, workers=workers, cpus_per_run=cpus_per_run,
             gpus_per_run=gpus_per_run, address=address, max_retries=retries,
@@ -675,12 +684,10 @@ def summary(
     from normcli.checkpoint import load_checkpoint
     from normcli.console import print_table
     from normcli.models import build_model, resolve_groups
-    from normcli.summary import layer_summary, model_description, params_per_norm, registry_table
+    from normcli.summary import layer_summary, params_per_norm, registry_table
 
     if list_:
         rows = registry_table()
-        for row in rows:
-            row["description"] = model_description(row["name"])
         if json_:
             _print_json(rows)
             return

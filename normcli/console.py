@@ -131,7 +131,10 @@ def print_table(
     table = Table()
     for i, name in enumerate(columns):
         numeric = bool(rows) and isinstance(rows[0][i], (int, float))
-        table.add_column(Text(str(name)), justify="right" if numeric else "left")
+        # Long run names fold onto a second line instead of all ending in the same "…".
+        table.add_column(
+            Text(str(name)), justify="right" if numeric else "left", overflow="fold"
+        )
     for row in rows:
         table.add_row(*(Text(_fmt(v)) for v in row))
     console.print(Text(title, style="italic"), soft_wrap=True)

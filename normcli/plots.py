@@ -29,9 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "lr": ("learning rate", "Learning rate"),
     "test_error": ("test error (%)", "Test error"),
     "val_accuracy": ("accuracy (%)", "Validation accuracy"),
+    "val_loss": ("loss (cross-entropy)", "Validation loss"),
     "val_error": ("validation error (%)", "Validation error"),
 }
-MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
 DPI = 100
 CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.9  # inches, for misclassified grids
@@ -61,8 +61,9 @@ def curves_figure(
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax, metric in zip(axes, metrics, strict=True):
         ylabel, name = METRICS[metric]
-        for i, (label, history) in enumerate(runs):
+        for i, (label, full) in enumerate(runs):
             marker, linestyle = run_style(i)
+            history = [row for row in full if metric in row]  # val_*: only runs with --val
             epochs = [int(row["epoch"]) for row in history]
             ax.plot(
                 epochs,
@@ -78,7 +79,8 @@ def curves_figure(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if metric.endswith("accuracy"):
-            zoom_on_last_half(ax, [history for _, history in runs], metric)
+            with_metric = [[row for row in h if metric in row] for _, h in runs]
+            zoom_on_last_half(ax, with_metric, metric)
         for text in ax.legend().get_texts():
             text.set_parse_math(False)  # run labels are file names: '$' is a dollar sign
     if title:
@@ -249,7 +251,8 @@ def study_figure(
         means = [r[y]["mean"] for r in mine if r[y] and r[y]["n"]]
         stds = [r[y]["std"] or 0.0 for r in mine if r[y] and r[y]["n"]]
         label = f"{hue}={group}" if hue else y
-        line = ax.errorbar(xs, means, yerr=stds, marker=MARKERS[i % len(MARKERS)], capsize=3,
+        marker, linestyle = run_style(i)
+        line = ax.errorbar(xs, means, yerr=stds, marker=marker, linestyle=linestyle, capsize=3,
                            label=label)  # fmt: skip
         runs = [r for r in records if (hue is None or r.get(hue) == group) and y in r]
         ax.scatter([r[x] for r in runs], [r[y] for r in runs], s=10, alpha=0.3,

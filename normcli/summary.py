@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,13 +97,3 @@ def registry_table() -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def model_description(name: str) -> str:
-    """The first paragraph of model `name`'s docstring, on one line.
-
-    The registry keeps only the docstring's first line, which can stop mid-sentence; this
-    belongs in `models.register` and can go once the registry stores the paragraph.
-    """
-    doc = inspect.getdoc(get_model_info(name).builder) or ""
-    return " ".join(doc.split("\n\n")[0].split())

@@ -197,19 +197,11 @@ def _as_json(value: Any, what: str) -> Any:
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     """Write FOLDER/manifest.json atomically: a temp file in the same folder, then os.replace."""
+    from normcli.checkpoint import atomic_write  # the one atomic writer
+
     path = Path(folder) / MANIFEST_NAME
     text = json.dumps(manifest, indent=1) + "\n"  # serialize first: a failure writes nothing
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 
@@ -437,7 +429,7 @@ class Outcome:
     seconds: float | None = None  # time the task itself ran, when it finished
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
     """Ray, or the NormcliError that says how to install it."""
     try:
         import ray
@@ -514,15 +506,9 @@ def save_payload(path: str | os.PathLike, payload: bytes) -> bool:
     with contextlib.suppress(OSError):
         if path.stat().st_size == len(payload) and path.read_bytes() == payload:
             return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from normcli.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
     return True
 
 
@@ -556,7 +542,7 @@ def run_points(
         raise NormcliError(f"sweep folder {folder} does not exist")
     if not points:
         return {}
-    ray = _import_ray()
+    ray = import_ray()
     emit = on_event or (lambda kind, name, info: None)
     with _ray_session(ray, address, workers, cpus_per_run, connect_timeout) as slots:
         _check_feasible(ray, cpus_per_run, gpus_per_run)

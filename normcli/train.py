@@ -388,7 +388,7 @@ class TrainResult:
 
 
 @contextmanager
-def _threads(count: int | None) -> Iterator[None]:
+def use_threads(count: int | None) -> Iterator[None]:
     """Run with `count` intra-op threads, restoring the previous setting afterwards."""
     before = torch.get_num_threads()
     if count is not None:
@@ -425,7 +425,7 @@ def train(
     reporter = reporter or SilentReporter()
     saved = len(resume_from.meta.history) if resume_from is not None else 0  # epochs in the file
     try:
-        with _threads(spec.train.threads):
+        with use_threads(spec.train.threads):
             run = start_run(spec, data_dir=data_dir, device=dev, resume_from=resume_from)
             path.parent.mkdir(parents=True, exist_ok=True)
             check_writable(path)

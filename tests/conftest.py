@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from normcli import plots
 from normcli.cli import main
 from normcli.data import idx_bytes, write_synthetic
 
@@ -95,3 +98,29 @@ def tiny_checkpoints(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) 
         "ln": train_tiny(tiny_data, folder / "ln.safetensors", "--norm", "ln"),
         "cifar": train_tiny(tiny_data, folder / "cifar.safetensors", dataset="cifar10"),
     }
+
+
+@pytest.fixture
+def captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every matplotlib Figure the commands save, in order."""
+    figures = []
+    original = plots.save_figure
+
+    def capture(fig, path, fmt=None):
+        figures.append(fig)
+        return original(fig, path, fmt)
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    return figures
+
+
+@pytest.fixture(scope="module")
+def workers_import_the_tests() -> Iterator[None]:
+    """Ray workers inherit the environment of whoever starts Ray: let them import the tests."""
+    here = Path(__file__).resolve().parent
+    with pytest.MonkeyPatch.context() as mp:
+        path = os.environ.get("PYTHONPATH", "")
+        parts = (str(here), str(here.parent), path)
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in parts if p))
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        yield

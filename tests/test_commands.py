@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normcli import plots
 from normcli.checkpoint import load_checkpoint, read_metadata
 from normcli.data import read_cifar_bin, read_idx
 from normcli.models import build_model
@@ -40,18 +39,6 @@ def independent_logits(ckpt_path: Path, data: Path) -> tuple[torch.Tensor, torch
     return logits, labels
 
 
-@pytest.fixture
-def captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every matplotlib Figure the commands save, in order."""
-    figures = []
-    original = plots.save_figure
-
-    def capture(fig, path, fmt=None):
-        figures.append(fig)
-        return original(fig, path, fmt)
-
-    monkeypatch.setattr(plots, "save_figure", capture)
-    return figures
 
 
 def test_eval_json_matches_independent_computation(cli, tiny_data, tiny_checkpoints):

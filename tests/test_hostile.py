@@ -582,15 +582,8 @@ def test_print_table_and_progress_take_text_literally() -> None:
     assert "a[/]b" in term.getvalue()
 
 
-def test_plot_titles_and_labels_with_dollars(cli, bracketed, tmp_path, monkeypatch):
-    figures = []
-    original = plots.save_figure
-
-    def capture(fig, path, fmt=None):
-        figures.append(fig)
-        return original(fig, path, fmt)
-
-    monkeypatch.setattr(plots, "save_figure", capture)
+def test_plot_titles_and_labels_with_dollars(cli, bracketed, tmp_path, captured_figures):
+    figures = captured_figures
     dollar = _variant(bracketed[0], tmp_path / "cost $x^$.safetensors")
     for title in ("cost $5", "a $x^$", "$$"):
         result = cli("plot", dollar, bracketed[0], "--title", title, "--out", tmp_path / "c.png",
@@ -674,7 +667,7 @@ def test_summary_table_shows_exact_mult_adds(cli) -> None:
 
 def test_summary_list_json_has_whole_descriptions(cli) -> None:
     rows = {r["name"]: r for r in json.loads(cli("summary", "--list", "--json").stdout)}
-    assert rows["cifar_net"]["description"].endswith("GAP over the 8x8 map.")
+    assert rows["cifar_net"]["description"].endswith("global average pooling over the 8x8 map.")
     assert all(r["description"].endswith((".", ")")) for r in rows.values())
     assert all("\n" not in r["description"] for r in rows.values())
 

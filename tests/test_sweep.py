@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +29,7 @@ ROOT = HERE.parent
 TINY = ("--epochs", "2", "--batch-size", "50", "--device", "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def workers_import_the_tests() -> Iterator[None]:
-    """Ray workers inherit the environment of whoever starts Ray: let them import this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = os.environ.get("PYTHONPATH", "")
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(HERE), str(ROOT), path) if p))
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("workers_import_the_tests")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +79,18 @@ def test_invalid_points_are_refused_before_anything_runs(
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not out.exists()  # nothing written
     assert time.perf_counter() - started < 10  # no Ray start-up
+
+
+def test_without_ray_sweep_says_how_to_install_it(
+    cli, sweep_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
+    result = cli(*_args(sweep_data, tmp_path / "s", "--seed", "1,2"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "normcli: error: sweep needs Ray: pip install 'normcli[ray]'"
+    ]
+    assert not (tmp_path / "s").exists()
 
 
 def test_options_that_cannot_be_swept_are_refused(cli, sweep_data: Path, tmp_path: Path) -> None:

@@ -87,14 +87,7 @@ def always_dies(options: dict, output: str) -> dict:
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def workers_import_this_module() -> Iterator[None]:
-    """Ray workers inherit the environment of the processes that start Ray: let them import us."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = os.environ.get("PYTHONPATH", "")
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(HERE), str(ROOT), path) if p))
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("workers_import_the_tests")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +202,7 @@ def test_manifest_round_trip_and_atomic_write(
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(NormcliError, match="cannot write"):
         update_point(tmp_path, again, "norm-bn_seed-1", "done", attempts=1, result={"acc": 1.0})
     monkeypatch.undo()
     assert load_manifest(tmp_path)["points"][0]["status"] == "pending"
