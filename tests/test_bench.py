@@ -65,3 +65,4 @@ def test_fewer_than_three_rounds_is_refused() -> None:
     result = run_bench("--rounds", "2", "--data-dir", "/nonexistent")
     assert result.returncode == 2
     assert "--rounds must be at least 3" in result.stderr
+
