@@ -161,3 +161,34 @@ def test_json_output_never_holds_nan() -> None:
     text = json.dumps(_finite(doc), allow_nan=False)
     assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}, "d": "x"}
     assert not any(math.isnan(v) for v in [1.0])
+
+
+@pytest.mark.parametrize("shape", [(0, 28, 28), (5, 0, 28), (0,)])
+def test_idx_files_declaring_no_items_are_refused(tmp_path: Path, shape: tuple) -> None:
+    from conftest import write_idx, write_mnist
+
+    from normcli.data import load_split
+    from normcli.errors import NormcliError
+
+    write_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    name = "t10k-images-idx3-ubyte" if len(shape) == 3 else "t10k-labels-idx1-ubyte"
+    write_idx(raw / name, torch.zeros(shape, dtype=torch.uint8))
+    with pytest.raises(NormcliError, match="declares an empty array"):
+        load_split("mnist", False, tmp_path, download_missing=False)
+
+
+def test_tensors_of_another_dataset_under_consistent_metadata(
+    cli, tiny_data: Path, tiny_checkpoints, tmp_path: Path
+) -> None:
+    """cifar10 metadata (self-consistent) over mnist_net's tensors: refused before evaluating."""
+    from safetensors.torch import save_file
+
+    raw, _ = read_file(tiny_checkpoints["cifar"])
+    _, mnist_tensors = read_file(tiny_checkpoints["bn_l1"])
+    bad = tmp_path / "mixed.safetensors"
+    save_file(mnist_tensors, str(bad), metadata=raw)
+    result = cli("eval", bad, "--data-dir", tiny_data, "--device", "cpu")
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tensors do not match model cifar_net" in lines[0]
