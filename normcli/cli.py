@@ -205,6 +205,22 @@ def train(
     **options: Any,
 ) -> None:
     """Train a model; prints the checkpoint path on stdout."""
+    from normcli import distributed
+
+    with distributed.worker_errors():  # under a launcher: one error line, not one per process
+        _train(ctx, data_dir, device.value, out, overwrite, resume, nproc, options)
+
+
+def _train(
+    ctx: typer.Context,
+    data_dir: Path | None,
+    device: str,
+    out: Path | None,
+    overwrite: bool,
+    resume: Path | None,
+    nproc: int | None,
+    options: dict[str, Any],
+) -> None:
     from contextlib import nullcontext
 
     from normcli import distributed
@@ -231,18 +247,16 @@ def train(
         spec = spec_from_options({**options, "world_size": nproc or distributed.run_size()})
     if nproc is not None:  # this process only starts the workers, which run this command
         _launch_workers(ctx, nproc, spec if resume is None else None, resume, data_dir,
-                        device.value, out, overwrite)  # fmt: skip
+                        device, out, overwrite)  # fmt: skip
         return
     main_process = distributed.is_main_process()  # under a launcher, rank 0 alone reports
     progress = ProgressReporter() if main_process else nullcontext(SilentReporter())
-    with distributed.worker_errors(), progress as reporter:
+    with progress as reporter:
         if resume is not None:
-            result = resume_training(
-                resume, data_dir=data_dir, device=device.value, reporter=reporter
-            )
+            result = resume_training(resume, data_dir=data_dir, device=device, reporter=reporter)
         else:
             result = run_training(
-                spec, data_dir=data_dir, device=device.value, out=out,
+                spec, data_dir=data_dir, device=device, out=out,
                 overwrite=overwrite, reporter=reporter,
             )  # fmt: skip
     if not main_process:

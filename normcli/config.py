@@ -216,8 +216,8 @@ class RunSpec:
         m, t = self.model, self.train
         label = norm_label(m.norm, m.groups, t.l1, bool(m.ws))
         if t.world_size > 1 or t.sync_bn:
-            sync = ", sync" if t.sync_bn else ""
-            label += f" [{t.world_size} procs x {t.per_process_batch}{sync}]"
+            procs = f"{t.world_size} proc{'s' if t.world_size != 1 else ''}"
+            label += f" [{procs} x {t.per_process_batch}{', sync' if t.sync_bn else ''}]"
         return label
 
     def default_path(self) -> Path:

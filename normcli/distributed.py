@@ -447,10 +447,11 @@ def process_group(world_size: int, device: torch.device) -> Iterator[tuple[World
         int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     )
     device = _rank_device(world, device)
+    cuda = device.type == "cuda"
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        "nccl" if cuda else "gloo",
         timeout=COLLECTIVE_TIMEOUT,
-        device_id=device if device.type == "cuda" else None,
+        **({"device_id": device} if cuda else {}),  # nccl: bound to this process's GPU
     )
     try:
         yield world, device
@@ -667,7 +668,8 @@ def _launch_env(threads: int) -> Iterator[None]:
     they are put back too, for callers that go on."""
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHER_ENV,
                                              "TORCHELASTIC_SIGNALS_TO_HANDLE")}  # fmt: skip
-    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]
     handlers = {sig: signal.getsignal(sig) for sig in signals}
     # The agent logs its progress (rendezvous, worker exits) at INFO to ERROR: the user's
     # output is the workers' own, and failures come back as one line.

@@ -281,15 +281,6 @@ def train_args(data: Path, out: Path) -> list[str]:
             "--nproc", "2"]  # fmt: skip
 
 
-def wait_for_file(proc: subprocess.Popen[str], path: Path) -> None:
-    deadline = time.monotonic() + 240
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path.name} never appeared: {proc.communicate()[1]}")
-        time.sleep(0.02)
-
-
 def workers(parent: int) -> dict[int, int]:
     """Rank -> pid of the worker processes the launcher `parent` started."""
     found = {}
@@ -336,16 +327,27 @@ def launched(tmp_path_factory: pytest.TempPathFactory, cli_data: Path) -> dict[s
         "node0": start(node, module="torch.distributed.run"),
         "node1": start(node, module="torch.distributed.run"),
     }
-    wait_for_file(procs["int"], paths["int"])
-    os.killpg(procs["int"].pid, signal.SIGINT)  # Ctrl-C: the launcher and its workers
-    wait_for_file(procs["kill"], paths["kill"])
-    os.kill(workers(procs["kill"].pid)[1], signal.SIGKILL)
-    results = {name: finish(proc) for name, proc in procs.items()}
+    # Once its first epoch is saved: Ctrl-C (the launcher and its workers) to one run, SIGKILL
+    # to rank 1 of the other.
+    stop = {
+        "int": lambda proc: os.killpg(proc.pid, signal.SIGINT),
+        "kill": lambda proc: os.kill(workers(proc.pid)[1], signal.SIGKILL),
+    }
+    deadline = time.monotonic() + 240
+    while stop:
+        for name in [n for n in stop if paths[n].exists()]:
+            stop.pop(name)(procs[name])
+        for name in stop:
+            if procs[name].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{name}: no checkpoint: {finish(procs[name])[2]}")
+        time.sleep(0.02)
+    results = {"int": finish(procs.pop("int"))}
     saved = len(read_metadata(paths["int"]).history)
-    resumed = finish(start(["train", "--resume", str(paths["int"]), "--data-dir", str(data),
-                            "--nproc", "2"]))  # fmt: skip
+    resume = start(["train", "--resume", str(paths["int"]), "--data-dir", str(data),
+                    "--nproc", "2"])  # fmt: skip
+    results.update({name: finish(proc) for name, proc in procs.items()})
     return {"paths": paths, "data": data, "results": results, "saved": saved,
-            "resumed": resumed}  # fmt: skip
+            "resumed": finish(resume)}  # fmt: skip
 
 
 def error_lines(err: str) -> list[str]:
