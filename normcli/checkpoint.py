@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from normcli import __version__
-from normcli.config import ModelArgs, RunSpec, TrainArgs, check_type, from_json
+from normcli.config import ADDED_TRAIN_FIELDS, ModelArgs, RunSpec, TrainArgs, check_type, from_json
 from normcli.data import DATASETS
 from normcli.errors import NormcliError
 
@@ -138,7 +138,11 @@ def _decode(raw: dict[str, str], where: str) -> dict[str, Any]:
             f"{where}: checkpoint format {version} is newer than this "
             f"normcli understands ({FORMAT_VERSION}); upgrade normcli"
         )
-    return _upgrade_v1(values) if version == 1 else values
+    values = _upgrade_v1(values) if version == 1 else values
+    train_args = values.get("train_args")
+    if isinstance(train_args, dict):  # written before some options existed: their defaults
+        values["train_args"] = {**ADDED_TRAIN_FIELDS, **train_args}
+    return values
 
 
 _REQUIRED = tuple(
@@ -162,6 +166,7 @@ def _upgrade_v1(values: dict[str, Any]) -> dict[str, Any]:
         model_args["num_classes"] = len(values["class_names"])
     train_args = {k: v for k, v in config.items() if k not in (*model_keys, "ws")}
     train_args = {"val": 0, "threads": None, **train_args}  # options added in format 2
+    # (ADDED_TRAIN_FIELDS, added later, are filled in for every format by _decode)
     resume = values.get("resume")
     if isinstance(resume, dict):
         scheduler = resume.get("scheduler")

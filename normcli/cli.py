@@ -125,7 +125,8 @@ RUN_OPTION_HELP: dict[str, str] = {
     "ws": "Weight-standardized convolutions. Default: on for gn, ln, in; off for bn, none.",
     "dropout": "Dropout rate (model option). Default: the dataset's (0).",
     "epochs": "Default: 15 for the 28x28 datasets, 20 for CIFAR.",
-    "batch_size": "Images per step. Default: 64 for 28x28; 32 for CIFAR, 64 with bn.",
+    "batch_size": "Images per step, over all processes (--nproc). Default: 64 for 28x28; "
+    "32 for CIFAR, 64 with bn.",
     "lr": "Peak one-cycle learning rate. Default: 0.05 for 28x28, 0.1 for CIFAR.",
     "momentum": "SGD Nesterov momentum, in [0, 1).",
     "weight_decay": "SGD weight decay. Default: 0 for 28x28, 5e-5 for CIFAR.",
@@ -135,7 +136,10 @@ RUN_OPTION_HELP: dict[str, str] = {
     "limit": "Use only the first N images of each split.",
     "val": "Hold out N training images (chosen by the seed) as a validation split.",
     "channels_last": "channels_last memory layout for training.",
-    "threads": "CPU threads. Default: torch's (all cores, or $OMP_NUM_THREADS); recorded.",
+    "threads": "CPU threads per process. Default: torch's (all cores, or $OMP_NUM_THREADS); "
+    "with several processes, the cores shared out among them; recorded.",
+    "sync_bn": "With several processes: BatchNorm over the global batch, not each process's "
+    "share (bn only).",
 }
 _CHOICES: dict[str, type[Enum]] = {"dataset": Dataset, "norm": Norm}
 
@@ -218,13 +222,44 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its checkpoint.")
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train data-parallel in N processes on this machine, started by torchrun's "
+            "launcher; --batch-size is the global batch, each process takes batch/N.",
+            show_default=False,
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Train a model; prints the checkpoint path on stdout."""
+    from normcli import distributed
+
+    with distributed.worker_errors():  # under a launcher: one error line, not one per process
+        _train(ctx, data_dir, device.value, out, overwrite, resume, nproc, options)
+
+
+def _train(
+    ctx: typer.Context,
+    data_dir: Path | None,
+    device: str,
+    out: Path | None,
+    overwrite: bool,
+    resume: Path | None,
+    nproc: int | None,
+    options: dict[str, Any],
+) -> None:
+    from contextlib import nullcontext
+
+    from normcli import distributed
     from normcli.console import ProgressReporter
-    from normcli.train import resume_training
+    from normcli.train import SilentReporter, resume_training
     from normcli.train import train as run_training
 
+    if nproc is not None and nproc < 1:
+        raise NormcliError(f"--nproc must be a positive number of processes, got {nproc}")
+    if nproc is not None and distributed.launched():
+        raise NormcliError("--nproc starts processes; this one was started by a launcher")
     if resume is not None:
         given = [
             "/".join(param.opts + param.secondary_opts)  # --ws/--no-ws names both spellings
@@ -237,17 +272,23 @@ def train(
                 f"--resume takes its settings from the checkpoint; drop {', '.join(given)}"
             )
     else:
-        spec = spec_from_options(options)
-    with ProgressReporter() as reporter:
+        spec = spec_from_options({**options, "world_size": nproc or distributed.run_size()})
+    if nproc is not None:  # this process only starts the workers, which run this command
+        _launch_workers(ctx, nproc, spec if resume is None else None, resume, data_dir,
+                        device, out, overwrite)  # fmt: skip
+        return
+    main_process = distributed.is_main_process()  # under a launcher, rank 0 alone reports
+    progress = ProgressReporter() if main_process else nullcontext(SilentReporter())
+    with progress as reporter:
         if resume is not None:
-            result = resume_training(
-                resume, data_dir=data_dir, device=device.value, reporter=reporter
-            )
+            result = resume_training(resume, data_dir=data_dir, device=device, reporter=reporter)
         else:
             result = run_training(
-                spec, data_dir=data_dir, device=device.value, out=out,
+                spec, data_dir=data_dir, device=device, out=out,
                 overwrite=overwrite, reporter=reporter,
             )  # fmt: skip
+    if not main_process:
+        return
     if result.history:
         last = result.history[-1]
         best = max(r["test_accuracy"] for r in result.history)
@@ -258,6 +299,50 @@ def train(
             highlight=False,
         )
     print(result.path)
+
+
+def _launch_workers(
+    ctx: typer.Context,
+    nproc: int,
+    spec: RunSpec | None,
+    resume: Path | None,
+    data_dir: Path | None,
+    device: str,
+    out: Path | None,
+    overwrite: bool,
+) -> None:
+    """`train --nproc`: check what can be checked here, then run `nproc` workers of this
+    command through torchrun's launcher. Each gets the run options as resolved here, so every
+    one trains the run validated here; rank 0 prints the progress and the path."""
+    from normcli import distributed
+    from normcli.checkpoint import read_metadata
+    from normcli.config import default_threads
+    from normcli.train import check_world_size, output_path, resolve_device
+
+    distributed.check_devices(nproc, resolve_device(device))
+    args = ["--debug"] if ctx.find_root().params.get("debug") else []
+    args += ["train", "--device", device]
+    if data_dir is not None:
+        args += ["--data-dir", str(data_dir)]
+    if resume is not None:
+        meta = read_metadata(resume)
+        check_world_size(meta, resume, nproc)
+        threads = meta.train_args.threads
+        args += ["--resume", str(resume)]
+    else:
+        assert spec is not None
+        threads = spec.train.threads
+        args += ["--out", str(output_path(spec, out, overwrite))]
+        args += ["--overwrite"] if overwrite else []
+        for name, value in spec.options().items():
+            flag = f"--{name.replace('_', '-')}"
+            if name not in RUN_OPTION_HELP or value is None:
+                continue
+            if isinstance(value, bool):
+                args.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    distributed.launch(args, nproc, threads=threads or default_threads(nproc))
 
 
 class SortOrder(str, Enum):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import nn
 from normcli.data import get_dataset
 from normcli.errors import NormcliError
 from normcli.models import build_model, check_model_fits, default_model, resolve_groups
-from normcli.norms import format_lambda, get_norm, norm_label, resolve_ws
+from normcli.norms import NORMS, format_lambda, get_norm, norm_label, resolve_ws
 
 CHECKPOINT_DIR = Path("checkpoints")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; stay within a signed int64
@@ -94,25 +95,64 @@ class TrainArgs:
     limit: int | None = None  # train and test on the first N images only
     val: int = 0  # hold out N training images (chosen by the seed) as a validation split
     channels_last: bool = True
-    threads: int | None = None  # CPU threads for this run; None: torch's default here
+    threads: int | None = None  # CPU threads per process; None: see resolve()
+    # Data parallelism: batch_size is the global batch, split evenly over world_size
+    # processes (set by the launcher, not by the user); sync_bn normalizes BatchNorm over
+    # the global batch instead of each process's share.
+    world_size: int = 1
+    sync_bn: bool = False
+
+    @property
+    def per_process_batch(self) -> int | None:
+        """Images each process takes of a batch (the whole batch with one process)."""
+        return None if self.batch_size is None else self.batch_size // self.world_size
 
     def resolve(self, model: ModelArgs) -> TrainArgs:
-        """Defaults filled in from the dataset's record for `model`'s norm, then validated."""
+        """Defaults filled in from the dataset's record for `model`'s norm (threads: see
+        `default_threads`), then validated."""
         defaults = get_dataset(model.dataset).training_defaults(model.norm)
         missing = {k: defaults[k] for k in ("epochs", "batch_size", "lr", "weight_decay")}
-        missing["threads"] = torch.get_num_threads()  # honours OMP_NUM_THREADS
+        missing["threads"] = default_threads(self.world_size)
         filled = dataclasses.replace(
             self, **{k: v for k, v in missing.items() if getattr(self, k) is None}
         )
-        filled.validate()
+        filled.validate(model)
         return filled
 
-    def validate(self) -> None:
-        """Refuse values outside their ranges, naming the parameter."""
+    def validate(self, model: ModelArgs | None = None) -> None:
+        """Refuse values outside their ranges, naming the parameter; with `model`, also the
+        options that depend on it."""
         for name, (fits, wanted) in _TRAIN_RANGES.items():
             value = getattr(self, name)
             if not fits(value):
                 raise NormcliError(f"{name} must be {wanted}, got {value}")
+        if self.batch_size % self.world_size:
+            raise NormcliError(
+                f"batch_size {self.batch_size} is the global batch and must divide by the "
+                f"{self.world_size} processes; try {_multiple(self.batch_size, self.world_size)}"
+            )
+        if model is not None and self.sync_bn and not get_norm(model.norm).uses_batch_statistics:
+            takers = ", ".join(n.name for n in NORMS.values() if n.uses_batch_statistics)
+            raise NormcliError(
+                f"sync_bn applies to norms with batch statistics ({takers}), not to {model.norm}"
+            )
+
+
+def _multiple(n: int, k: int) -> int:
+    """The multiple of k nearest to n (rounding up on a tie), at least k."""
+    return max(k, (n + k // 2) // k * k)
+
+
+def default_threads(world_size: int) -> int:
+    """CPU threads per process when not given: torch's count (which honours OMP_NUM_THREADS)
+    for one process; for several, this machine's cores shared out among its processes of the
+    run (the launcher's LOCAL_WORLD_SIZE when set, as torchrun sets it, else `world_size`),
+    not torchrun's default OMP_NUM_THREADS=1."""
+    if world_size == 1:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(local, 1))
 
 
 def _finite(value: Any) -> bool:
@@ -131,7 +171,13 @@ _TRAIN_RANGES: dict[str, tuple[Any, str]] = {
     "limit": (lambda v: v is None or v > 0, "a positive number of images"),
     "val": (lambda v: v >= 0, "a number of images >= 0"),
     "threads": (lambda v: v is None or 1 <= v <= 1024, "in 1..1024"),
+    "world_size": (lambda v: v >= 1, "a positive number of processes"),
 }
+
+# TrainArgs fields added after checkpoint format 2 shipped, with the value that a file written
+# before them means (every such file was trained by one process, BatchNorm unsynchronized).
+# Readers fill them in before validating: the validator wants every field present.
+ADDED_TRAIN_FIELDS: dict[str, Any] = {"world_size": 1, "sync_bn": False}
 
 
 @dataclass(frozen=True)
@@ -165,9 +211,14 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        """Short human label, e.g. 'BN + L1 (1e-4)', 'GN (G=2) + WS'."""
-        m = self.model
-        return norm_label(m.norm, m.groups, self.train.l1, bool(m.ws))
+        """Short human label, e.g. 'BN + L1 (1e-4)', 'GN (G=2) + WS'; several processes add
+        the per-process batch, e.g. 'BN [2 procs x 8, sync]' (sync: synchronized BatchNorm)."""
+        m, t = self.model, self.train
+        label = norm_label(m.norm, m.groups, t.l1, bool(m.ws))
+        if t.world_size > 1 or t.sync_bn:
+            procs = f"{t.world_size} proc{'s' if t.world_size != 1 else ''}"
+            label += f" [{procs} x {t.per_process_batch}{', sync' if t.sync_bn else ''}]"
+        return label
 
     def default_path(self) -> Path:
         """checkpoints/<dataset>_<model>_<norm>[-g<G>][-ws|-nows][_l1-<lambda>][_<recipe>]_s<seed>
@@ -185,10 +236,13 @@ class RunSpec:
 
     def _recipe_changes(self) -> dict[str, Any]:
         """Short tag -> value for every training option that differs from its default."""
-        defaults = TrainArgs().resolve(self.model)
+        defaults = dataclasses.replace(
+            TrainArgs().resolve(self.model), threads=default_threads(self.train.world_size)
+        )
         tags = {"epochs": "e", "batch_size": "b", "lr": "lr", "momentum": "m",
                 "weight_decay": "wd", "augment": "aug", "limit": "n", "val": "val",
-                "channels_last": "cl", "threads": "t"}  # fmt: skip
+                "channels_last": "cl", "threads": "t", "world_size": "np",
+                "sync_bn": "sync"}  # fmt: skip
         return {
             tag: getattr(self.train, name)
             for name, tag in tags.items()

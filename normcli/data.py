@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +83,44 @@ def denormalize(x: torch.Tensor, spec: Dataset) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
+class Part(NamedTuple):
+    """Rows start:stop of a batch of `size` images: the share of a global batch that one
+    process takes. Random augmentation draws are made for the whole batch and sliced, so every
+    image gets the draws it would get in one process, whatever the number of processes."""
+
+    start: int
+    stop: int
+    size: int
+
+    @classmethod
+    def of(cls, size: int, index: int, count: int) -> Part:
+        """Share `index` of `count` of a batch of `size`, as torch.tensor_split cuts it: the
+        first size % count shares hold one image more."""
+        base, extra = divmod(size, count)
+        start = index * base + min(index, extra)
+        return cls(start, start + base + (index < extra), size)
+
+
+def _drawn(part: Part | None, n: int) -> tuple[int, slice]:
+    """How many images to draw for, and which of the draws are x's (all of them without part)."""
+    return (n, slice(None)) if part is None else (part.size, slice(part.start, part.stop))
+
+
 def random_affine(
-    x: torch.Tensor, max_degrees: float, max_shift: float, generator: torch.Generator
+    x: torch.Tensor,
+    max_degrees: float,
+    max_shift: float,
+    generator: torch.Generator,
+    part: Part | None = None,
 ) -> torch.Tensor:
-    """Rotate each image by U(-deg, deg) and translate by U(-shift, shift) pixels; zero fill."""
+    """Rotate each image by U(-deg, deg) and translate by U(-shift, shift) pixels; zero fill.
+    `part`: x holds these rows of a larger batch (see Part)."""
     n, _, h, w = x.shape
     dev = x.device
-    angle = (torch.rand(n, generator=generator, device=dev) * 2 - 1) * math.radians(max_degrees)
-    shift = (torch.rand(n, 2, generator=generator, device=dev) * 2 - 1) * max_shift
+    m, mine = _drawn(part, n)
+    max_angle = math.radians(max_degrees)
+    angle = (torch.rand(m, generator=generator, device=dev)[mine] * 2 - 1) * max_angle
+    shift = (torch.rand(m, 2, generator=generator, device=dev)[mine] * 2 - 1) * max_shift
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
@@ -102,18 +132,24 @@ def random_affine(
 
 
 def random_crop_flip(
-    x: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True
+    x: torch.Tensor,
+    padding: int,
+    generator: torch.Generator,
+    flip: bool = True,
+    part: Part | None = None,
 ) -> torch.Tensor:
-    """Random crop of each image from a zero-padded copy, then horizontal flip with p=0.5."""
+    """Random crop of each image from a zero-padded copy, then horizontal flip with p=0.5.
+    `part`: x holds these rows of a larger batch (see Part)."""
     n, c, h, w = x.shape
     dev = x.device
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+    m, mine = _drawn(part, n)
+    dy = torch.randint(0, 2 * padding + 1, (m,), generator=generator, device=dev)[mine]
+    dx = torch.randint(0, 2 * padding + 1, (m,), generator=generator, device=dev)[mine]
     rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]
     cols = torch.arange(w, device=dev)[None, :] + dx[:, None]
     if flip:
-        mirror = torch.rand(n, generator=generator, device=dev) < 0.5
+        mirror = torch.rand(m, generator=generator, device=dev)[mine] < 0.5
         cols = torch.where(mirror[:, None], cols.flip(1), cols)
     cols = cols[:, None, None, :]
     batch = torch.arange(n, device=dev)[:, None, None, None]
@@ -134,12 +170,14 @@ class Augment:
     def active(self) -> bool:
         return bool(self.degrees or self.shift or self.crop_padding or self.flip)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a batch of [0, 1] float images."""
+    def __call__(
+        self, x: torch.Tensor, generator: torch.Generator, part: Part | None = None
+    ) -> torch.Tensor:
+        """Augment a batch of [0, 1] float images (rows `part` of a batch, when given)."""
         if self.degrees or self.shift:
-            x = random_affine(x, self.degrees, self.shift, generator)
+            x = random_affine(x, self.degrees, self.shift, generator, part)
         if self.crop_padding or self.flip:
-            x = random_crop_flip(x, self.crop_padding, generator, flip=self.flip)
+            x = random_crop_flip(x, self.crop_padding, generator, flip=self.flip, part=part)
         return x
 
 
@@ -724,20 +762,30 @@ def batches(
     shuffle: bool = False,
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (normalized float images, labels) batches sliced from an in-memory split."""
+    """Yield (normalized float images, labels) batches sliced from an in-memory split.
+
+    shard=(index, count): yield only share `index` of `count` of every batch (Part.of), for
+    data-parallel training. Every process draws the same order and the same augmentation for
+    the whole batch and keeps its rows, so the shares of a batch are disjoint and together are
+    exactly the batch one process would see."""
     n = len(split)
     dev = split.images.device
     if shuffle:
         order = torch.randperm(n, generator=generator, device=dev)
     for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        part = Part.of(stop - start, *shard) if shard is not None else None
+        if part is not None:
+            start, stop = start + part.start, start + part.stop
         if shuffle:
-            idx = order[start : start + batch_size]
+            idx = order[start:stop]
             images, labels = split.images[idx], split.labels[idx]
         else:
-            images = split.images[start : start + batch_size]
-            labels = split.labels[start : start + batch_size]
+            images = split.images[start:stop]
+            labels = split.labels[start:stop]
         x = images.float().div_(255.0)
         if augment is not None and augment.active:
-            x = augment(x, generator)
+            x = augment(x, generator, part)
         yield normalize(x, spec), labels

@@ -1,9 +1,21 @@
-"""Synchronized BatchNorm for multi-process data-parallel training, on the CPU as on CUDA.
+"""Data-parallel training: the processes of a run, their process group, the collectives the
+training loop needs, the local launcher behind `normcli train --nproc`, and synchronized
+BatchNorm on the CPU as on CUDA.
 
-torch.nn.SyncBatchNorm only runs on CUDA (its statistics kernels have no CPU version), so the
-CPU path here is a BatchNorm whose statistics are all-reduced with torch.distributed (gloo
-works on the CPU). Nothing here needs an initialized process group to be imported or used:
-without one, or with a single process, every layer behaves exactly like nn.BatchNorm2d.
+Processes. A run of W processes is started by PyTorch's own launcher (torchrun's elastic
+agent; `launch` runs it on this machine with a rendezvous on a free port of 127.0.0.1), which
+tells each worker its RANK, LOCAL_RANK and WORLD_SIZE in the environment. `process_group`
+joins the group (gloo on the CPU, nccl on CUDA with one GPU per local rank, every collective
+under COLLECTIVE_TIMEOUT). Every process trains; the main process (rank 0) evaluates, writes
+the checkpoint and shows progress. `worker_errors` turns a worker's failure into one line:
+recorded for the launcher in torchelastic's error file, printed by rank 0 (under torchrun) or
+by `launch` (under `normcli train --nproc`), never once per process.
+
+Synchronized BatchNorm. torch.nn.SyncBatchNorm only runs on CUDA (its statistics kernels
+have no CPU version), so the CPU path here is a BatchNorm whose statistics are all-reduced
+with torch.distributed (gloo works on the CPU). Nothing here needs an initialized process
+group to be imported or used: without one, or with a single process, every layer behaves
+exactly like nn.BatchNorm2d.
 
 Gradient convention. In data-parallel training rank r computes its own loss L_r, and the
 objective is their mean over the W ranks, which is what DDP optimizes: it all-reduces every
@@ -21,7 +33,22 @@ all-reduce gradients themselves must divide by W too (or not, to get the gradien
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +57,33 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normcli.errors import NormcliError
+
 __all__ = [
+    "COLLECTIVE_TIMEOUT",
     "CpuSyncBatchNorm",
     "SyncBatchNormFunction",
+    "World",
     "average_running_stats",
+    "barrier",
+    "check_devices",
     "convert_sync_batchnorm",
+    "current_world",
+    "gather_to_main",
     "is_distributed",
+    "is_main_process",
+    "launch",
+    "launched",
+    "launched_world_size",
+    "local_main_first",
+    "process_group",
+    "run_size",
+    "share_from_main",
+    "sum_across",
     "sync_batch_norm",
+    "was_interrupted",
+    "worker_errors",
+    "wrap_ddp",
 ]
 
 # Statistics and gradient sums are accumulated in float64 whatever the input dtype: the
@@ -296,3 +343,402 @@ def average_running_stats(model: nn.Module, group: Any = None) -> None:
     with torch.no_grad():
         for s, avg in zip(stats, packed.split([s.numel() for s in stats]), strict=True):
             s.copy_(avg.view_as(s))
+
+
+# ---------------------------------------------------------------------------
+# The processes of a run and their process group
+# ---------------------------------------------------------------------------
+
+# Every collective (and joining the group) gives up after this long, so a process whose
+# partner hangs fails instead of waiting forever. (A partner that dies is noticed sooner: the
+# launcher stops the others at once.) Rank 0 evaluates while the others wait in a collective:
+# far less than this on normcli's datasets.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+# Set by `launch` for its workers: they record a failure for it and print nothing themselves.
+LAUNCHER_ENV = "NORMCLI_LAUNCHER"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of a run; World() is a single process."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # index among the run's processes on this machine (its GPU)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process evaluates, saves and reports (rank 0)."""
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, `launch`) started this process: it sets RANK."""
+    return "RANK" in os.environ
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, `launch`) started this one among; 1 when
+    it was not started by one."""
+    if "RANK" not in os.environ:
+        return 1
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise NormcliError("RANK is set but WORLD_SIZE is not a number of processes") from None
+
+
+def run_size() -> int:
+    """The number of processes of this run: the initialized process group's, else the
+    launcher's (1 for a process started on its own)."""
+    return current_world().size if dist.is_initialized() else launched_world_size()
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that reports: rank 0, or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def current_world() -> World:
+    """The world of the initialized process group; World() without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    rank = dist.get_rank()
+    return World(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def check_devices(processes: int, device: torch.device) -> None:
+    """Refuse to run `processes` processes on CUDA with fewer GPUs (one GPU each)."""
+    if device.type == "cuda" and torch.cuda.device_count() < processes:
+        raise NormcliError(
+            f"{processes} processes on cuda need a GPU each; this machine has "
+            f"{torch.cuda.device_count()}: use fewer processes or the cpu device"
+        )
+
+
+@contextmanager
+def process_group(world_size: int, device: torch.device) -> Iterator[tuple[World, torch.device]]:
+    """Join the process group of a run of `world_size` processes; yields this process's World
+    and the device it trains on (cuda:LOCAL_RANK on CUDA). gloo on the CPU, nccl on CUDA.
+
+    A group that is already initialized (by the caller) is used as it is and left open;
+    one this function joins from the launcher's environment is left on the way out. With
+    world_size 1 there is nothing to join."""
+    if dist.is_available() and dist.is_initialized():
+        world = current_world()
+        if world.size != world_size:
+            raise NormcliError(
+                f"world_size {world_size}: the process group has {world.size} processes"
+            )
+        yield world, _rank_device(world, device)
+        return
+    if world_size == 1 and launched_world_size() == 1:
+        yield World(), device
+        return
+    launched = launched_world_size()
+    if launched != world_size:
+        raise NormcliError(
+            f"world_size {world_size}: the launcher started {launched} "
+            f"process{'es' if launched != 1 else ''}"
+            + ("" if "RANK" in os.environ else " (start the run with normcli train --nproc)")
+        )
+    world = World(
+        int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    )
+    device = _rank_device(world, device)
+    cuda = device.type == "cuda"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        timeout=COLLECTIVE_TIMEOUT,
+        **({"device_id": device} if cuda else {}),  # nccl: bound to this process's GPU
+    )
+    try:
+        yield world, device
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_device(world: World, device: torch.device) -> torch.device:
+    """The device of this process: its own GPU (by local rank) on CUDA."""
+    if device.type != "cuda" or world.size == 1:
+        return device
+    if world.local_rank >= torch.cuda.device_count():
+        raise NormcliError(
+            f"process {world.rank} needs GPU {world.local_rank}; this machine has "
+            f"{torch.cuda.device_count()}"
+        )
+    torch.cuda.set_device(world.local_rank)
+    return torch.device("cuda", world.local_rank)
+
+
+@contextmanager
+def local_main_first(world: World) -> Iterator[None]:
+    """Run the body on local rank 0 first, then on the machine's other processes: one of them
+    downloads a missing dataset, the others read what it wrote. (Every process passes one
+    barrier: the others before the body, local rank 0 after it.)"""
+    if world.size > 1 and world.local_rank != 0:
+        barrier()
+    yield
+    if world.size > 1 and world.local_rank == 0:
+        barrier()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` (which stays the module to evaluate and save).
+
+    Buffers are not broadcast from rank 0 at every step: each process keeps the BatchNorm
+    running statistics of its own shares, and `average_running_stats` makes them one before
+    anything reads them (timm's --dist-bn reduce)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Newer torch names the option forward_sync_buffers (buffers are still made equal once,
+    # at the start, where they are equal anyway); older torch knows broadcast_buffers only.
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
+
+
+def sum_across(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every process, in place (unchanged with one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def share_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every process (a picklable object; others pass anything)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(obj: Any) -> list[Any]:
+    """Every process's `obj`, by rank (a list of one with one process)."""
+    if not is_distributed():
+        return [obj]
+    objs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing with one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------
+# Failures and interruptions of workers: one line, not one per process
+# ---------------------------------------------------------------------------
+
+_interrupted = False
+
+
+def was_interrupted() -> bool:
+    """Whether this worker was asked to stop (SIGINT or SIGTERM) inside `worker_errors`."""
+    return _interrupted
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM in a worker: stop as Ctrl-C does, once; the launcher may send both."""
+    global _interrupted
+    _interrupted = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """Around the work of a process started by a launcher (nothing otherwise).
+
+    SIGTERM, as the launcher sends it to stop the others when one process fails, interrupts
+    like Ctrl-C. A failure is recorded in torchelastic's error file (TORCHELASTIC_ERROR_FILE),
+    where the launcher finds it. Rank 0 then raises it as usual, to be reported; the other
+    processes exit with its exit code and print nothing, and so does rank 0 under `launch`,
+    which reports one line for all of them."""
+    if "RANK" not in os.environ:
+        yield
+        return
+    handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        code = _record_failure(e)
+        if is_main_process() and LAUNCHER_ENV not in os.environ:
+            raise
+        raise SystemExit(code) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+# What a collective raises when another process has gone (gloo's words; nccl's are DistErrors).
+_PEER_GONE = re.compile(r"(reset|closed) by peer|Broken pipe|Connection refused|Socket closed")
+
+
+def _record_failure(error: BaseException) -> int:
+    """Write `error` to the launcher's error file as one line; returns the exit code.
+
+    The record says what kind of failure it is, for the launcher to report the cause rather
+    than its consequences: "user" (a NormcliError: the run cannot go on as described),
+    "internal" (a bug, or a crash), "secondary" (an interruption, or a collective broken by
+    another process's end)."""
+    if isinstance(error, NormcliError):
+        code, message, kind = error.exit_code, str(error), "user"
+    elif isinstance(error, KeyboardInterrupt):
+        code, message, kind = 130, "interrupted", "secondary"
+    elif isinstance(error, SystemExit):
+        code = error.code if isinstance(error.code, int) else 1
+        message, kind = f"exit {error.code}", "internal"
+    else:
+        code, kind = 1, "internal"
+        message = f"internal error: {type(error).__name__}: {error}"
+    message = (message.strip().splitlines() or [type(error).__name__])[0]
+    gone = isinstance(error, dist.DistError) or bool(_PEER_GONE.search(str(error)))
+    if _interrupted or code == 130 or (kind == "internal" and gone):
+        kind = "secondary"
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {
+            "message": message,  # what torchrun shows as the failure
+            "timestamp": int(time.time()),
+            "normcli": {"rank": int(os.environ.get("RANK", 0)), "exit_code": code, "kind": kind},
+        }
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(record))
+        except OSError:
+            pass  # the launcher then reports the exit code alone
+    return code
+
+
+# ---------------------------------------------------------------------------
+# The local launcher: torchrun's elastic agent, in this process
+# ---------------------------------------------------------------------------
+
+
+def launch(args: Sequence[str], nproc: int, *, threads: int) -> None:
+    """Run `python -m normcli ARGS` as `nproc` processes on this machine under PyTorch's
+    elastic agent (what torchrun runs) and wait for them.
+
+    The rendezvous is a c10d store on a free port of 127.0.0.1 (two runs at once do not
+    collide); each worker gets OMP_NUM_THREADS=`threads`. The workers print their output (rank
+    0's progress and result) directly; a failure of any of them becomes one NormcliError: the
+    first worker's own error line, or which worker died of what."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise NormcliError(f"nproc must be a positive number of processes, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="normcli-workers-") as logs, _launch_env(threads):
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=f"normcli-{uuid.uuid4().hex}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",  # port 0: the agent's store takes a free one
+            max_restarts=0,
+            monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        )
+        try:
+            elastic_launch(config, sys.executable)("-m", "normcli", *args)
+        except ChildFailedError as e:
+            raise _failure_line(e.failures, _records(logs)) from None
+        except SignalException:  # Ctrl-C or SIGTERM to this process: the agent stopped all
+            rec = _records(logs).get(0)
+            message = rec["message"] if rec and rec["exit_code"] == 130 else "interrupted"
+            raise NormcliError(message, exit_code=130) from None
+
+
+@contextmanager
+def _launch_env(threads: int) -> Iterator[None]:
+    """The environment the agent hands its workers, and a quiet agent; restored afterwards.
+
+    The agent installs its own SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers (to stop the workers):
+    they are put back too, for callers that go on."""
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHER_ENV,
+                                             "TORCHELASTIC_SIGNALS_TO_HANDLE")}  # fmt: skip
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+    # The agent logs its progress (rendezvous, worker exits) at INFO to ERROR: the user's
+    # output is the workers' own, and failures come back as one line.
+    loggers = [
+        logging.getLogger(name)
+        for name in ("torch.distributed.elastic", "torch.distributed.launcher",
+                     *logging.root.manager.loggerDict)  # fmt: skip
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))
+    ]
+    levels = {log: log.level for log in loggers}
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ[LAUNCHER_ENV] = "1"
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        for log, level in levels.items():
+            log.setLevel(level)
+
+
+def _records(logs: str) -> dict[int, dict[str, Any]]:
+    """The failures the workers recorded (see `_record_failure`), by rank."""
+    found = {}
+    for path in Path(logs).rglob("error.json"):
+        try:
+            doc = json.loads(path.read_text())
+            info = doc["normcli"]
+            found[int(info["rank"])] = {"message": str(doc["message"]), **info}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours: reported by exit code
+    return found
+
+
+def _failure_line(failures: dict[int, Any], records: dict[int, dict[str, Any]]) -> Exception:
+    """One NormcliError for the workers that failed (`failures`: rank -> ProcessFailure, as
+    the agent saw them when it stopped the rest), the likeliest cause first: the lowest rank's
+    NormcliError; else a process that died without a word (killed by a signal, crashed);
+    else an internal error; else rank 0's (or the first) record."""
+
+    def recorded(kind: str) -> list[int]:
+        return sorted(r for r in failures if r in records and records[r]["kind"] == kind)
+
+    if recorded("user"):
+        rec = records[recorded("user")[0]]
+        return NormcliError(rec["message"], exit_code=rec["exit_code"])
+    silent = sorted(r for r in failures if r not in records)
+    if silent:
+        rank, failure = silent[0], failures[silent[0]]
+        how = (
+            f"was killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        message = f"worker process {rank} (pid {failure.pid}) {how}; all processes stopped"
+        main = records.get(0)
+        if main and main["message"].startswith("interrupted; "):  # what rank 0 had saved
+            message += "; " + main["message"].removeprefix("interrupted; ")
+        return NormcliError(message, exit_code=1)
+    if recorded("internal"):
+        rec = records[recorded("internal")[0]]
+        return NormcliError(rec["message"], exit_code=rec["exit_code"])
+    rec = records.get(0) or records[min(failures)]
+    return NormcliError(rec["message"], exit_code=rec["exit_code"])

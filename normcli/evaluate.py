@@ -159,7 +159,10 @@ class CheckpointReport:
     groups: int | None
     ws: bool  # weight-standardized convolutions
     l1: float
-    label: str
+    label: str  # names the processes and per-process batch of a data-parallel run
+    world_size: int  # processes it was trained by
+    batch_size: int  # global batch
+    per_process_batch: int  # images each process normalized and trained on per step
     params: int
     epochs: int
     best_accuracy: float | None  # best test accuracy in the history, percent
@@ -201,6 +204,9 @@ def report(ckpt: Checkpoint, split: Split, batch_size: int = EVAL_BATCH_SIZE) ->
         ws=m.ws,
         l1=meta.train_args.l1,
         label=meta.label,
+        world_size=meta.train_args.world_size,
+        batch_size=meta.train_args.batch_size,
+        per_process_batch=meta.train_args.per_process_batch,
         params=count_params(ckpt.model),
         epochs=len(meta.history),
         best_accuracy=max(accs) if accs else None,

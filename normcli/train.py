@@ -10,10 +10,24 @@ description: weights and buffers, momentum buffers and RNG states. Resuming rebu
 everything else (the one-cycle schedule from the config and the epoch count), so an
 interrupted run continues to exactly the weights an uninterrupted run would reach (on
 the CPU, same seed and thread count).
+
+Several processes (TrainArgs.world_size > 1, started by a launcher: see normcli.distributed)
+run the same loop, each on its share of every batch: the batch size is the global batch.
+Every process draws the same order and augmentation and keeps its rows of each batch
+(data.batches' shard), so W processes see exactly the images, augmented alike, that one
+process sees at the same batch size. DDP averages the gradients of the processes' mean losses:
+the gradient of the mean over the whole batch. The L1 term is added on every process and
+the average of W equal gradients is that gradient, so it counts once; weight decay is SGD's,
+applied to the (identical) weights of every process, once. GN, LN and no norm thus train to
+the weights of one process (up to float rounding). BatchNorm normalizes over each process's
+share (ghost batches of B/W), or over the whole batch with sync_bn; running statistics are
+averaged over the processes before every evaluation and save. Rank 0 evaluates, saves and
+reports; the checkpoint is an ordinary one-process model, resumable by as many processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -39,6 +53,21 @@ from normcli.checkpoint import (
 )
 from normcli.config import RunSpec
 from normcli.data import Augment, Dataset, Split, batches, get_dataset, load_split
+from normcli.distributed import (
+    World,
+    average_running_stats,
+    barrier,
+    convert_sync_batchnorm,
+    current_world,
+    gather_to_main,
+    local_main_first,
+    process_group,
+    run_size,
+    share_from_main,
+    sum_across,
+    was_interrupted,
+    wrap_ddp,
+)
 from normcli.errors import NormcliError
 from normcli.evaluate import Metrics, evaluate
 from normcli.models import count_params
@@ -97,8 +126,11 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.OneCycleLR
-    generator: torch.Generator  # data order and augmentation
+    generator: torch.Generator  # data order and augmentation (the same in every process)
     history: list[EpochRecord] = field(default_factory=list)
+    world: World = field(default_factory=World)  # this process among the run's processes
+    ddp: nn.Module | None = None  # with several processes: DDP around `model`, for training
+    saved_epochs: int = 0  # epochs in the checkpoint last written (or resumed from)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -130,30 +162,59 @@ def start_run(
     data_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device = "auto",
     resume_from: Checkpoint | None = None,
+    world: World | None = None,
 ) -> Run:
     """Everything a run needs, built from its description: its data read onto the device, the
-    seeded network, SGD and the one-cycle schedule; continued from `resume_from` when given."""
+    seeded network, SGD and the one-cycle schedule; continued from `resume_from` when given.
+    `world`: this process's place in the run (default: the initialized process group's)."""
     spec = spec.resolve()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    world = world or current_world()
     m, t = spec.model, spec.train
-    train_split = load_split(m.dataset, True, data_dir, limit=t.limit)
-    test_split = load_split(m.dataset, False, data_dir, limit=t.limit)
-    run = new_run(spec, train_split, test_split, dev)
+    with local_main_first(world):  # a missing dataset is downloaded once per machine
+        train_split = load_split(m.dataset, True, data_dir, limit=t.limit)
+        test_split = load_split(m.dataset, False, data_dir, limit=t.limit)
+    run = new_run(spec, train_split, test_split, dev, world)
     if resume_from is not None:
         _restore(run, resume_from)
     return run
 
 
-def new_run(spec: RunSpec, train_split: Split, test_split: Split, device: torch.device) -> Run:
+def new_run(
+    spec: RunSpec,
+    train_split: Split,
+    test_split: Split,
+    device: torch.device,
+    world: World | None = None,
+) -> Run:
     """A fresh run of `spec` (resolved) on splits already in memory: holds out the validation
-    images, moves the data to `device`, seeds and builds the network, optimizer and schedule."""
+    images, moves the data to `device`, seeds and builds the network, optimizer and schedule.
+    With several processes (`world`, default: the initialized process group's) every one
+    calls this: BatchNorm is synchronized when the spec says so and DDP wraps the network."""
     m, t = spec.model, spec.train
+    world = world or current_world()
+    if t.world_size != world.size:
+        raise NormcliError(
+            f"world_size {t.world_size}: this run has {world.size} "
+            f"process{'es' if world.size != 1 else ''}"
+        )
     dataset = get_dataset(m.dataset)
     train_split, val_split = hold_out(train_split, t.val, t.seed)
+    last = len(train_split) % t.batch_size
+    if 0 < last < world.size:
+        raise NormcliError(
+            f"the last batch of every epoch holds {last} of {len(train_split)} training images, "
+            f"fewer than the {world.size} processes; change batch_size, limit or val"
+        )
     torch.manual_seed(t.seed)  # weight init and dropout
-    model = m.build().to(device)
+    model = m.build()
+    if t.sync_bn and world.size > 1:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
+    if world.rank:  # the same weights everywhere, dropout masks of each process's own
+        torch.manual_seed((t.seed + world.rank) % 2**63)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=t.lr,
@@ -185,6 +246,8 @@ def new_run(spec: RunSpec, train_split: Split, test_split: Split, device: torch.
         optimizer=optimizer,
         scheduler=scheduler,
         generator=torch.Generator(device=device).manual_seed(t.seed),
+        world=world,
+        ddp=wrap_ddp(model, device) if world.size > 1 else None,
     )
 
 
@@ -210,20 +273,33 @@ def train_epoch(run: Run, reporter: Reporter | None = None) -> tuple[float, floa
     reporter = reporter or SilentReporter()
     t = run.spec.train
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    net = run.ddp or model  # what the batches go through: DDP with several processes
+    world = run.world
     model.train()
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), device=run.device, dtype=torch.long)
     seen = 0
+    totals = (0.0, 0, 0)
     start = time.perf_counter()
     num_batches = run.steps_per_epoch
     stream = batches(
         run.train_split, run.dataset, t.batch_size,
         shuffle=True, augment=run.augment, generator=run.generator,
+        shard=(world.rank, world.size) if world.size > 1 else None,
     )  # fmt: skip
     for i, (x, y) in enumerate(stream):
-        logits = model(x.contiguous(memory_format=run.memory_format))
+        logits = net(x.contiguous(memory_format=run.memory_format))
         loss = F.cross_entropy(logits, y)
-        objective = loss + t.l1 * l1_penalty(model) if t.l1 else loss
+        objective = loss
+        if world.size > 1:
+            # DDP averages the processes' gradients; weighting each mean loss by the share of
+            # the batch it covers makes that the gradient of the mean over the whole batch.
+            # The weight is 1 unless the epoch's last batch splits unevenly.
+            batch = min(t.batch_size, len(run.train_split) - i * t.batch_size)
+            share = y.shape[0] * world.size / batch
+            objective = loss * share if share != 1 else loss
+        if t.l1:  # on every process: DDP's average of W equal L1 gradients is one of them
+            objective = objective + t.l1 * l1_penalty(model)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
@@ -233,11 +309,23 @@ def train_epoch(run: Run, reporter: Reporter | None = None) -> tuple[float, floa
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
         if i % 20 == 19 or i == num_batches - 1:
-            mean_loss = loss_sum.item() / seen
+            totals = _totals(run, loss_sum, correct, seen)
+            mean_loss = totals[0] / totals[2]
             _check_finite(run, mean_loss)
             elapsed = time.perf_counter() - start
-            reporter.batch(i + 1, mean_loss, 100.0 * correct.item() / seen, seen / elapsed)
-    return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
+            reporter.batch(i + 1, mean_loss, 100.0 * totals[1] / totals[2], totals[2] / elapsed)
+    return totals[0] / max(totals[2], 1), 100.0 * totals[1] / max(totals[2], 1)
+
+
+def _totals(
+    run: Run, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int
+) -> tuple[float, int, int]:
+    """(summed loss, correct, images) of the epoch so far, over every process of the run."""
+    if run.world.size == 1:
+        return loss_sum.item(), int(correct.item()), seen
+    packed = torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen).double()])
+    loss, right, images = sum_across(packed).tolist()
+    return loss, round(right), round(images)
 
 
 def _check_finite(run: Run, loss: float) -> None:
@@ -262,6 +350,14 @@ def run_epoch(run: Run, reporter: Reporter | None = None) -> EpochRecord:
     start = time.perf_counter()
     train_loss, train_acc = train_epoch(run, reporter)
     seconds = time.perf_counter() - start
+    average_running_stats(run.model)  # one set of BatchNorm statistics for every process
+    row = _evaluated_row(run, train_loss, train_acc, seconds) if run.world.main else None
+    run.history.append(share_from_main(row))  # evaluated once, by rank 0
+    return run.history[-1]
+
+
+def _evaluated_row(run: Run, train_loss: float, train_acc: float, seconds: float) -> EpochRecord:
+    """The epoch's history row: its training numbers and a fresh evaluation."""
     test = evaluate_run(run)
     if run.val_split is not None:
         val = evaluate(run.model, run.val_split, run.dataset)
@@ -277,7 +373,6 @@ def run_epoch(run: Run, reporter: Reporter | None = None) -> EpochRecord:
     )
     if run.val_split is not None:
         row["val_loss"], row["val_accuracy"] = val.loss, val.accuracy
-    run.history.append(row)
     return row
 
 
@@ -297,7 +392,11 @@ def checkpoint_meta(run: Run) -> CheckpointMeta:
 
 
 def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
-    """Write the run's checkpoint atomically: weights, metadata and what resuming needs."""
+    """Write the run's checkpoint atomically: weights, metadata and what resuming needs.
+
+    With several processes every one calls this: rank 0 writes (weights, momentum and data
+    order are the same everywhere; each process's own RNG states are gathered), the others
+    wait until it has."""
     params = list(run.model.parameters())
     index = {id(p): i for i, p in enumerate(params)}
     extra = {
@@ -306,11 +405,25 @@ def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
         for name, value in buffers.items()
         if isinstance(value, torch.Tensor)
     }
-    extra["rng.torch"] = torch.get_rng_state()
+    extra.update(_rng_states())
     extra["rng.data"] = run.generator.get_state()
+    if run.world.size > 1:  # every process's dropout stream: rng.torch.<rank>, rng.cuda.<rank>
+        for rank, states in enumerate(gather_to_main(_rng_states())):
+            if rank:
+                extra.update({f"{key}.{rank}": value for key, value in states.items()})
+    if run.world.main:
+        save_checkpoint(path, run.model, checkpoint_meta(run), extra)
+    run.saved_epochs = run.epoch
+    barrier()
+    return Path(path)
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU, and the current GPU's when there is one)."""
+    states = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        extra["rng.cuda"] = torch.cuda.get_rng_state()
-    return save_checkpoint(path, run.model, checkpoint_meta(run), extra)
+        states["rng.cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
 def _restore(run: Run, ckpt: Checkpoint) -> None:
@@ -323,6 +436,7 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
 
     if resume is None:
         raise NormcliError(f"{where}: holds no resume state")
+    check_world_size(ckpt.meta, where, run.world.size)
     if ckpt.meta.run != run.spec:
         raise bad("its run description differs")
     epoch, steps = resume["epoch"], run.steps_per_epoch
@@ -337,11 +451,12 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     momentum = _momentum_buffers(ckpt, params, bad)
     if run.spec.train.momentum and epoch and len(momentum) != len(params):
         raise bad(f"{len(momentum)} momentum buffers for {len(params)} parameters")
+    mine = f".{run.world.rank}" if run.world.rank else ""  # rank 0's are rng.torch, rng.cuda
     try:
-        torch.set_rng_state(ckpt.extra["rng.torch"])
+        torch.set_rng_state(ckpt.extra[f"rng.torch{mine}"])
         run.generator.set_state(ckpt.extra["rng.data"].to("cpu"))
-        if "rng.cuda" in ckpt.extra and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ckpt.extra["rng.cuda"])
+        if f"rng.cuda{mine}" in ckpt.extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt.extra[f"rng.cuda{mine}"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise NormcliError(f"{where}: resume state is unusable (RNG state: {reason})") from None
@@ -350,6 +465,19 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         run.optimizer.state[params[i]]["momentum_buffer"] = buffer.to(params[i].device).clone()
     _advance_schedule(run.scheduler, epoch * steps)
     run.history = list(ckpt.meta.history)
+    run.saved_epochs = epoch
+
+
+def check_world_size(meta: CheckpointMeta, where: object, processes: int) -> None:
+    """Refuse to resume a run with another number of processes than it was trained by: the
+    BatchNorm statistics, the per-process batch and the saved RNG states depend on it."""
+    trained = meta.train_args.world_size
+    if trained != processes:
+        nproc = f" --nproc {trained}" if trained > 1 else ""
+        raise NormcliError(
+            f"{where}: trained by {trained} process{'es' if trained != 1 else ''}, not "
+            f"{processes}; resume it with as many: normcli train --resume {where}{nproc}"
+        )
 
 
 def _momentum_buffers(
@@ -417,48 +545,73 @@ def train(
     the run writes it."""
     spec = spec.resolve()
     dev = resolve_device(device)
-    path = output_path(spec, out)
-    if path.parent.is_dir():  # a missing folder is made after the data loads
-        check_writable(path)
-    if resume_from is None and path.exists() and not overwrite:
-        raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
+    path = output_path(spec, out, overwrite, resuming=resume_from is not None)
     reporter = reporter or SilentReporter()
-    saved = len(resume_from.meta.history) if resume_from is not None else 0  # epochs in the file
+    run = None
+    t = spec.train
     try:
-        with use_threads(spec.train.threads):
-            run = start_run(spec, data_dir=data_dir, device=dev, resume_from=resume_from)
+        with use_threads(t.threads), process_group(t.world_size, dev) as (world, dev):
+            if not world.main:
+                reporter = SilentReporter()  # one progress display: rank 0's
+            run = start_run(spec, data_dir=data_dir, device=dev, resume_from=resume_from,
+                            world=world)  # fmt: skip
             path.parent.mkdir(parents=True, exist_ok=True)
             check_writable(path)
-            with exclusive_output(path):
+            # Rank 0 alone writes: it claims the file against other normcli processes.
+            with exclusive_output(path) if world.main else contextlib.nullcontext():
                 while not run.done:
                     row = run_epoch(run, reporter)
                     save_run(run, path)  # atomic: the epoch is in, or not
-                    saved = run.epoch
                     reporter.end_epoch(row)
-    except KeyboardInterrupt:
-        raise _interrupted(path, saved, spec.train.epochs, data_dir) from None
+    except (KeyboardInterrupt, Exception) as e:
+        # A worker asked to stop may fail first in a collective its partner already left.
+        if not isinstance(e, KeyboardInterrupt) and not was_interrupted():
+            raise
+        # Epochs in the file: a run stopped before it was built has only what it resumed.
+        saved = run.saved_epochs if run else len(resume_from.meta.history) if resume_from else 0
+        raise _interrupted(path, saved, t.epochs, data_dir, t.world_size) from None
     return TrainResult(path, run.history, count_params(run.model))
 
 
-def output_path(spec: RunSpec, out: str | os.PathLike[str] | None) -> Path:
-    """Where a run's checkpoint goes: `out`, or its default name inside folder `out` (an
-    existing folder or a path ending in '/'), or the default path."""
+def output_path(
+    spec: RunSpec,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    resuming: bool = False,
+) -> Path:
+    """Where `train` writes the checkpoint of `spec` (resolved), checked before any work:
+    `out`, or the default name inside folder `out` (an existing folder or a path ending in
+    '/'), or checkpoints/<run>.safetensors. An existing folder must be writable (a missing
+    one is made after the data loads), and a file there is replaced only with `overwrite`
+    (or continued, when `resuming`)."""
     if out is None:
-        return spec.default_path()
-    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
-        return Path(out) / spec.default_path().name
-    return Path(out)
+        path = spec.default_path()
+    elif str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        path = Path(out) / spec.default_path().name
+    else:
+        path = Path(out)
+    if path.parent.is_dir():
+        check_writable(path)
+    if not resuming and path.exists() and not overwrite:
+        raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
+    return path
 
 
 def _interrupted(
-    path: Path, saved: int, epochs: int, data_dir: str | os.PathLike[str] | None
+    path: Path,
+    saved: int,
+    epochs: int,
+    data_dir: str | os.PathLike[str] | None,
+    processes: int = 1,
 ) -> NormcliError:
     if saved == 0:
         return NormcliError("interrupted during epoch 1; nothing was saved", exit_code=130)
     data = f" --data-dir {data_dir}" if data_dir is not None else ""
+    nproc = f" --nproc {processes}" if processes > 1 else ""
     done = f"epoch 1 of {epochs} is" if saved == 1 else f"epochs 1-{saved} of {epochs} are"
     return NormcliError(
-        f"interrupted; {done} saved in {path}; resume with: normcli train --resume {path}{data}",
+        f"interrupted; {done} saved in {path}; "
+        f"resume with: normcli train --resume {path}{data}{nproc}",
         exit_code=130,
     )
 
@@ -470,8 +623,10 @@ def resume_training(
     device: str = "auto",
     reporter: Reporter | None = None,
 ) -> TrainResult:
-    """Continue the run saved in `path` to its configured epoch count, in place."""
+    """Continue the run saved in `path` to its configured epoch count, in place, with as many
+    processes as it was trained by (this one alone, or those its launcher started)."""
     ckpt = load_checkpoint(path)
+    check_world_size(ckpt.meta, ckpt.path, run_size())
     try:
         spec = ckpt.meta.run.resolve()
     except NormcliError as e:
