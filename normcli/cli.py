@@ -809,10 +809,18 @@ def summary(
             )
         return
     result = layer_summary(net, name, norm_name, group_count)
+    run = None
+    if checkpoint is not None:  # how it was trained: label, processes, per-process batch
+        t = ckpt.meta.train_args
+        run = {"label": ckpt.meta.label, "world_size": t.world_size,
+               "batch_size": t.batch_size, "per_process_batch": t.per_process_batch}  # fmt: skip
     if json_:
-        _print_json(result.to_dict())
-    else:
-        print(result.table)
+        _print_json({**result.to_dict(), **({"run": run} if run else {})})
+        return
+    if run:
+        print(f"run: {run['label']}; {run['world_size']} process(es), batch {run['batch_size']} "
+              f"({run['per_process_batch']} per process)")  # fmt: skip
+    print(result.table)
 
 
 def main(argv: list[str] | None = None) -> int:
