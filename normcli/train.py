@@ -590,6 +590,9 @@ def output_path(
         path = Path(out) / spec.default_path().name
     else:
         path = Path(out)
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == Path())
+    if existing.exists() and not existing.is_dir():
+        raise NormcliError(f"{path}: {existing} is not a folder")
     if path.parent.is_dir():
         check_writable(path)
     if not resuming and path.exists() and not overwrite:

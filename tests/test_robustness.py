@@ -327,7 +327,13 @@ def _(e: Env) -> list[str | Path]:
 simple(
     "ckpt-missing", lambda e: e.eval(e.tmp / "nope.safetensors"), "nope.safetensors", "no such file"
 )
-simple("ckpt-directory", lambda e: e.eval(e.tmp), "not a file")
+simple("ckpt-directory", lambda e: e.eval(e.tmp / "run"), "no such file")
+
+
+@case("ckpt-directory-without-checkpoints", "no .safetensors checkpoints in this folder")
+def _(e: Env) -> list[str | Path]:
+    (e.tmp / "empty").mkdir()
+    return e.eval(e.tmp / "empty")
 
 
 @case("ckpt-empty-file", "empty file")
@@ -509,7 +515,11 @@ simple(
     lambda e: ["misclassified", e.tmp / "gone.safetensors", "--data-dir", e.data],
     "no such file",
 )
-simple("plot-ckpt-directory", lambda e: ["plot", e.tmp, "--out", e.tmp / "c.png"], "not a file")
+simple(
+    "plot-ckpt-directory",
+    lambda e: ["plot", e.tmp / "none", "--out", e.tmp / "c.png"],
+    "no such file",
+)
 simple(
     "plot-ckpt-bad-metadata",
     lambda e: ["plot", e.variant({"history": "{}"}), "--out", e.tmp / "c.png"],
@@ -672,15 +682,11 @@ def _unwritable_folder(e: Env) -> Path:
     pytest.skip("no unwritable folder available to this user")
 
 
+# (a missing --out folder is created, and an existing folder takes the default file name:
+# tests/test_runs.py checks both)
 simple(
-    "train-out-folder-missing",
-    lambda e: e.train(out=e.tmp / "no-such-folder" / "run.safetensors"),
-    "does not exist",
+    "train-out-under-a-file", lambda e: e.train(out=e.ckpt / "run.safetensors"), "is not a folder"
 )
-simple(
-    "train-out-under-a-file", lambda e: e.train(out=e.ckpt / "run.safetensors"), "does not exist"
-)
-simple("train-out-is-a-directory", lambda e: e.train(out=e.tmp), "is a directory")
 simple(
     "train-out-unwritable",
     lambda e: e.train(out=_unwritable_folder(e) / "run.safetensors"),

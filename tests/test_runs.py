@@ -125,6 +125,13 @@ def test_out_folder_gets_the_default_name(cli, tiny_data: Path, tmp_path: Path) 
     path = Path(result.stdout.strip())
     assert path.parent == tmp_path / "new" and path.name.startswith("mnist_mnist_net_bn_e2_b50")
     assert path.is_file()
+    # an existing folder without the slash: the same default name inside it
+    again = cli("train", "--data-dir", tiny_data, *QUICK, "--out", tmp_path / "new", "--overwrite")
+    assert again.exit_code == 0 and again.stdout.strip() == str(path)
+    # a file path in a missing folder: the folder is made (after the data loaded)
+    deep = tmp_path / "a" / "b" / "run.safetensors"
+    made = cli("train", "--data-dir", tiny_data, *QUICK, "--out", deep)
+    assert made.exit_code == 0 and deep.is_file()
 
 
 def test_the_thread_count_is_recorded_and_reused(cli, tiny_data: Path, tmp_path: Path) -> None:
