@@ -134,7 +134,7 @@ RUN_OPTION_HELP: dict[str, str] = {
     "augment": "The dataset's batch augmentation, on the device.",
     "limit": "Use only the first N images of each split.",
     "val": "Hold out N training images (chosen by the seed) as a validation split.",
-    "channels_last": "channels_last memory layout for training.",
+    "channels_last": "channels_last memory layout for training. Default: on, off for gn.",
     "threads": "CPU threads. Default: torch's (all cores, or $OMP_NUM_THREADS); recorded.",
 }
 _CHOICES: dict[str, type[Enum]] = {"dataset": Dataset, "norm": Norm}
