@@ -2,15 +2,19 @@
 # The normalization study as a shell script: train BN + L1, GN and LN on one
 # dataset, plot them together, show 10 misclassified images each, compare.
 #
-#   examples/compare_norms.sh DATASET [--epochs N] [--data-dir DIR] [--out DIR]
+#   examples/compare_norms.sh DATASET [--epochs N] [--data-dir DIR] [--out DIR] [--seed N]
 #                                     [--limit N] [--device D] [--l1 LAMBDA] [--fresh]
 #
 # Everything goes to --out (default runs/DATASET, which git ignores). Re-running it
 # resumes unfinished runs and keeps finished ones; --fresh retrains every run from scratch
 # (replacing the checkpoints in --out: `make results` uses it to regenerate bench/results).
+#
+# The three trainings run at the same time, one CPU thread each (on a small CPU three
+# one-thread runs train faster together than one after another with all threads each:
+# bench/results/levers.md), and so do the figures and tables after them.
 set -euo pipefail
 
-usage() { echo "usage: $0 mnist|cifar10 [--epochs N] [--data-dir DIR] [--out DIR] [--limit N] [--device D] [--l1 LAMBDA] [--fresh]" >&2; exit 2; }
+usage() { echo "usage: $0 mnist|cifar10 [--epochs N] [--data-dir DIR] [--out DIR] [--seed N] [--limit N] [--device D] [--l1 LAMBDA] [--fresh]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 dataset=$1; shift
 case $dataset in
@@ -23,11 +27,13 @@ fresh=0
 data_opts=()   # where the data is and what runs it: every command
 limit_opts=()  # --limit: training, eval and misclassified
 epoch_opts=()
+seed_opts=()   # --seed: the three trainings
 while [[ $# -gt 0 ]]; do
   if [[ $1 == --fresh ]]; then fresh=1; shift; continue; fi
   [[ $# -ge 2 ]] || usage
   case $1 in
     --epochs) epoch_opts=("$1" "$2"); shift 2 ;;
+    --seed) seed_opts=("$1" "$2"); shift 2 ;;
     --limit) limit_opts=("$1" "$2"); shift 2 ;;
     --data-dir|--device) data_opts+=("$1" "$2"); shift 2 ;;
     --out) out=$2; shift 2 ;;
@@ -36,8 +42,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 mkdir -p "$out"
+# Every step runs beside others, so each takes one thread unless told otherwise.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 log="$out/log.txt"
-echo "# $(date -u +%FT%TZ) $0 $dataset ${data_opts[*]} ${limit_opts[*]} ${epoch_opts[*]} --out $out --l1 $l1" >>"$log"
+echo "# $(date -u +%FT%TZ) $0 $dataset ${data_opts[*]} ${limit_opts[*]} ${epoch_opts[*]} ${seed_opts[*]} --out $out --l1 $l1" >>"$log"
 
 step() {  # step NAME CMD...: run a command, log its wall time
   local name=$1; shift
@@ -46,27 +54,42 @@ step() {  # step NAME CMD...: run a command, log its wall time
   echo "$name: $((SECONDS - t0)) s" >>"$log"
 }
 
+jobs_started=()
+start() {  # start NAME CMD...: run `step NAME CMD...` in the background
+  step "$@" &
+  jobs_started+=("$!")
+}
+finish() {  # wait for every started job; fail if any failed (set -e does not see them)
+  local pid failed=0
+  for pid in "${jobs_started[@]}"; do wait "$pid" || failed=1; done
+  jobs_started=()
+  [[ $failed == 0 ]] || { echo "$0: a step failed; see the messages above" >&2; exit 1; }
+}
+
 ckpts=()
 for run in "bn_l1:--norm bn --l1 $l1" "gn:--norm gn" "ln:--norm ln"; do
   name=${run%%:*}; read -r -a opts <<<"${run#*:}"
   ckpt="$out/$name.safetensors"
   if [[ -f $ckpt && $fresh == 0 ]]; then  # finished runs return at once; interrupted ones continue
-    step "train $name" normcli train --resume "$ckpt" "${data_opts[@]}" >/dev/null
+    start "train $name" normcli train --resume "$ckpt" "${data_opts[@]}" >/dev/null
   else
-    step "train $name" normcli train --dataset "$dataset" "${opts[@]}" "${epoch_opts[@]}" \
-      "${limit_opts[@]}" "${data_opts[@]}" --out "$ckpt" --overwrite >/dev/null
+    start "train $name" normcli train --dataset "$dataset" "${opts[@]}" "${epoch_opts[@]}" \
+      "${seed_opts[@]}" "${limit_opts[@]}" "${data_opts[@]}" --threads 1 \
+      --out "$ckpt" --overwrite >/dev/null
   fi
   ckpts+=("$ckpt")
 done
+finish
 
-step plot normcli plot "${ckpts[@]}" --out "$out/curves.png" --overwrite >/dev/null
-step "plot test_loss" normcli plot "${ckpts[@]}" --metric test_loss --out "$out/test_loss.png" --overwrite >/dev/null
-step "plot test_accuracy" normcli plot "${ckpts[@]}" --metric test_accuracy --out "$out/test_accuracy.png" --overwrite >/dev/null
+start plot normcli plot "${ckpts[@]}" --out "$out/curves.png" --overwrite >/dev/null
+start "plot test_loss, test_accuracy" normcli plot "${ckpts[@]}" --metric test_loss \
+  --metric test_accuracy --out "$out/" --overwrite >/dev/null  # test_loss.png, test_accuracy.png
 for ckpt in "${ckpts[@]}"; do
   name=$(basename "$ckpt" .safetensors)
-  step "misclassified $name" normcli misclassified "$ckpt" --n 10 "${data_opts[@]}" "${limit_opts[@]}" \
+  start "misclassified $name" normcli misclassified "$ckpt" --n 10 "${data_opts[@]}" "${limit_opts[@]}" \
     --out "$out/misclassified_$name.png" --overwrite >/dev/null
 done
-step "eval" normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --json >"$out/eval.json"
-normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --markdown >"$out/eval.md"
+start "eval" normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --json >"$out/eval.json"
+start "eval markdown" normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --markdown >"$out/eval.md"
+finish
 cat "$out/eval.md"

@@ -135,7 +135,7 @@ RUN_OPTION_HELP: dict[str, str] = {
     "augment": "The dataset's batch augmentation, on the device.",
     "limit": "Use only the first N images of each split.",
     "val": "Hold out N training images (chosen by the seed) as a validation split.",
-    "channels_last": "channels_last memory layout for training.",
+    "channels_last": "channels_last memory layout for training. Default: on, off for gn.",
     "threads": "CPU threads per process. Default: torch's (all cores, or $OMP_NUM_THREADS); "
     "with several processes, the cores shared out among them; recorded.",
     "sync_bn": "With several processes: BatchNorm over the global batch, not each process's "

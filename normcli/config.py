@@ -94,7 +94,7 @@ class TrainArgs:
     augment: bool = True  # the dataset's batch augmentation
     limit: int | None = None  # train and test on the first N images only
     val: int = 0  # hold out N training images (chosen by the seed) as a validation split
-    channels_last: bool = True
+    channels_last: bool | None = None  # None: the norm's layout (contiguous for gn)
     threads: int | None = None  # CPU threads per process; None: see resolve()
     # Data parallelism: batch_size is the global batch, split evenly over world_size
     # processes (set by the launcher, not by the user); sync_bn normalizes BatchNorm over
@@ -113,6 +113,7 @@ class TrainArgs:
         defaults = get_dataset(model.dataset).training_defaults(model.norm)
         missing = {k: defaults[k] for k in ("epochs", "batch_size", "lr", "weight_decay")}
         missing["threads"] = default_threads(self.world_size)
+        missing["channels_last"] = get_norm(model.norm).channels_last
         filled = dataclasses.replace(
             self, **{k: v for k, v in missing.items() if getattr(self, k) is None}
         )

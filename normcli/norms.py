@@ -44,16 +44,21 @@ class Norm:
     takes_groups: bool = False  # GroupNorm: the factory needs groups=G
     ws_default: bool = False  # weight-standardized convolutions unless told otherwise
     uses_batch_statistics: bool = False  # normalizes over the batch (BatchNorm)
+    channels_last: bool = True  # the training layout unless told otherwise (see NORMS)
 
 
 # The per-image norms weight-standardize their convolutions by default: they learn much more
 # slowly than BatchNorm without it on these small CNNs (Qiao et al., 2019; the README's
 # Results section has the --ws / --no-ws measurement).
+# GroupNorm trains in the contiguous layout: its channels_last CPU kernels are the slower ones
+# (mnist_net, one thread: 1.1-1.6x faster contiguous), while BN and LN (= GroupNorm(1, C)) run
+# faster channels_last (bench/results/levers.md).
 NORMS: dict[str, Norm] = {
     n.name: n
     for n in (
         Norm("bn", nn.BatchNorm2d, "BN", "BatchNorm", uses_batch_statistics=True),
-        Norm("gn", _group_norm, "GN", "GroupNorm", takes_groups=True, ws_default=True),
+        Norm("gn", _group_norm, "GN", "GroupNorm", takes_groups=True, ws_default=True,
+             channels_last=False),
         Norm("ln", _layer_norm, "LN", "LayerNorm", ws_default=True),
         Norm("in", _instance_norm, "IN", "InstanceNorm", ws_default=True),
         Norm("none", _no_norm, "NONE", "no norm"),

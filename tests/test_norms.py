@@ -169,3 +169,18 @@ def test_weight_standardization_defaults_per_norm() -> None:
     assert conv_layer(True) is WSConv2d and conv_layer(False) is nn.Conv2d
     assert norm_label("gn", 4, ws=True) == "GN (G=4) + WS"
     assert norm_label("bn", l1=1e-4, ws=True) == "BN + WS + L1 (1e-4)"
+
+
+def test_training_layout_defaults_per_norm() -> None:
+    """GroupNorm trains contiguous (its channels_last CPU kernels are slower); the others
+    channels_last; an explicit choice wins."""
+    from normcli.config import RunSpec
+
+    def layout(**options: object) -> bool | None:
+        return RunSpec.from_options(dataset="mnist", **options).resolve().train.channels_last
+
+    assert {n: layout(norm=n) for n in ("bn", "gn", "ln")} == {"bn": True, "gn": False, "ln": True}
+    assert layout(norm="gn", channels_last=True) is True
+    assert layout(norm="bn", channels_last=False) is False
+    default = RunSpec.from_options(norm="gn").resolve().default_path()
+    assert default.name == "mnist_mnist_net_gn-g4_s1.safetensors"  # the default is no recipe

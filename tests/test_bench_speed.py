@@ -1,0 +1,73 @@
+"""bench/time_to_accuracy.py and bench/levers.py run end to end on tiny generated data
+(--quick); no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "NORMCLI_DATA"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / name), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def study_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One --quick study: (the JSON report from stdout, the Markdown page)."""
+    page = tmp_path_factory.mktemp("tta") / "time_to_accuracy.md"
+    result = run_script("time_to_accuracy.py", "--quick", "--json", "-", "--markdown", page)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), page.read_text()
+
+
+def test_quick_study_runs_the_three_trainings_and_checks_them(study_report) -> None:
+    report, _ = study_report
+    (study,) = report["studies"]
+    assert set(study["runs"]) == {"bn_l1", "gn", "ln"}
+    for run in study["runs"].values():
+        assert run["epochs"] == 1 and len(run["test_accuracy"]) == 1
+        assert run["threads"] == 1  # the study packs one-thread trainings
+    assert study["runs"]["bn_l1"]["l1"] == 1e-4
+    assert study["wall_s"] > 0 and study["cpu_s"] > 0
+    assert {"train bn_l1", "train gn", "train ln", "eval"} <= set(study["steps_s"])
+    assert "| bn_l1 |" in study["table"]  # the table the script printed
+    assert report["check"]["met"] == {"wall": None, "last3": None, "final_mean": None}
+    assert report["throughput"]["fraction_of_ceiling"] > 0
+
+
+def test_quick_study_page_names_machine_command_and_load(study_report) -> None:
+    report, page = study_report
+    assert report["machine"]["lscpu_model_name"] in page
+    assert "AVX-512" in page
+    assert report["command"] in page
+    assert len(report["studies"][0]["load_average_before"]) == 3
+    assert "not a measurement" in page
+
+
+def test_quick_levers_report_each_lever(tmp_path: Path) -> None:
+    page = tmp_path / "levers.md"
+    result = run_script(
+        "levers.py", "--quick", "--lever", "augment", "--lever", "peak",
+        "--json", tmp_path / "levers.json", "--markdown", page,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    levers = json.loads((tmp_path / "levers.json").read_text())["levers"]
+    assert set(levers["augment"]["rows"]) >= {"none", "translate (crop, whole pixels)"}
+    assert levers["peak"]["flops_per_training_image"] > 1e6
+    assert "### Augmentation" in page.read_text()
