@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,3 +115,12 @@ def training_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> 
         model(x).sum().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a report to PATH ('-': stdout), making its folder."""
+    if str(path) == "-":
+        sys.stdout.write(text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

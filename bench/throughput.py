@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import typer
+from machine import write_text  # bench/machine.py: a script's folder is on sys.path
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -561,14 +562,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_text(path: Path, text: str) -> None:
-    if str(path) == "-":
-        sys.stdout.write(text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------

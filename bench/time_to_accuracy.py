@@ -45,6 +45,7 @@ from machine import (
     matmul_peak_gflops,
     training_flops_per_image,
     wait_for_quiet,
+    write_text,
 )
 from rich.console import Console
 
@@ -294,14 +295,6 @@ def print_summary(report: dict[str, Any]) -> None:
         console.print(f"seed {s['seed']}: {s['wall_s']:.1f} s wall; {accs}", highlight=False)
     met = report["check"]["met"]
     console.print(f"targets met: {met}", highlight=False)
-
-
-def write_text(path: Path, text: str) -> None:
-    if str(path) == "-":
-        sys.stdout.write(text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------

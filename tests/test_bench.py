@@ -14,16 +14,25 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "throughput.py"
 
 
-def run_bench(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_script(
+    name: str, *args: str | Path, timeout: float = 600, threads: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run bench/NAME with ARGS from the repository root, without $NORMCLI_DATA."""
     env = {k: v for k, v in os.environ.items() if k != "NORMCLI_DATA"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
+        [sys.executable, str(REPO / "bench" / name), *map(str, args)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_bench(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return run_script(SCRIPT.name, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

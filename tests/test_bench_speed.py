@@ -4,27 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_bench import run_script as run_bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "NORMCLI_DATA"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, str(REPO / "bench" / name), *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_bench_script(name, *args, timeout=timeout, threads=1)
 
 
 @pytest.fixture(scope="module")
