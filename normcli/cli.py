@@ -261,16 +261,7 @@ def _train(
     if nproc is not None and distributed.launched():
         raise NormcliError("--nproc starts processes; this one was started by a launcher")
     if resume is not None:
-        given = [
-            "/".join(param.opts + param.secondary_opts)  # --ws/--no-ws names both spellings
-            for param in ctx.command.params
-            if param.name in _NOT_WITH_RESUME
-            and getattr(ctx.get_parameter_source(param.name), "name", "") == "COMMANDLINE"
-        ]
-        if given:
-            raise NormcliError(
-                f"--resume takes its settings from the checkpoint; drop {', '.join(given)}"
-            )
+        _refuse_run_options_with_resume(ctx)
     else:
         spec = spec_from_options({**options, "world_size": nproc or distributed.run_size()})
     if nproc is not None:  # this process only starts the workers, which run this command
@@ -287,8 +278,25 @@ def _train(
                 spec, data_dir=data_dir, device=device, out=out,
                 overwrite=overwrite, reporter=reporter,
             )  # fmt: skip
-    if not main_process:
-        return
+    if main_process:
+        _report_training(result)
+
+
+def _refuse_run_options_with_resume(ctx: typer.Context) -> None:
+    given = [
+        "/".join(param.opts + param.secondary_opts)  # --ws/--no-ws names both spellings
+        for param in ctx.command.params
+        if param.name in _NOT_WITH_RESUME
+        and getattr(ctx.get_parameter_source(param.name), "name", "") == "COMMANDLINE"
+    ]
+    if given:
+        raise NormcliError(
+            f"--resume takes its settings from the checkpoint; drop {', '.join(given)}"
+        )
+
+
+def _report_training(result: Any) -> None:
+    """The final numbers on stderr, the checkpoint's path on stdout."""
     if result.history:
         last = result.history[-1]
         best = max(r["test_accuracy"] for r in result.history)
@@ -578,7 +586,19 @@ def plot(
     """Training curves of several runs on the same axes, from their stored histories; with
     --x, a study plot: a final metric against a run option, mean ± std over seeds."""
     from normcli.checkpoint import find_checkpoints, read_metadata
-    from normcli.outputs import image_format, plan_outputs
+
+    checkpoints = find_checkpoints(checkpoints)
+    metas = [read_metadata(p) for p in checkpoints]
+    if x is not None:
+        _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
+        return
+    _curves_plot(checkpoints, metas, metric, out, fmt, title, overwrite)
+
+
+def _curves_plot(
+    checkpoints: list[Path], metas: list, metric: list | None, out: Path | None,
+    fmt: Format | None, title: str | None, overwrite: bool,
+) -> None:  # fmt: skip
     from normcli.plots import (
         DEFAULT_GRID,
         curves_figure,
@@ -588,34 +608,38 @@ def plot(
         save_figure,
     )
 
-    checkpoints = find_checkpoints(checkpoints)
-    metas = [read_metadata(p) for p in checkpoints]
-    if x is not None:
-        _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
-        return
     figures = [[m.value] for m in metric] if metric else [list(DEFAULT_GRID)]
-    for name in {m for f in figures for m in f}:
-        if not any(name in row for meta in metas for row in meta.history):
-            raise NormcliError(f"--metric {name}: no run records it (val_*: train with --val)")
-    suffix = fmt.value if fmt else "png"
-    defaults = [
-        checkpoints[0].parent / f"{'curves' if len(f) > 1 else f[0]}.{suffix}" for f in figures
-    ]
-    plan = plan_outputs(out, defaults, overwrite)
-    formats = [image_format(p) or suffix for p in plan]
-    if fmt and formats[0] != fmt.value:
-        raise NormcliError(f"--out {out} names a {formats[0]} file, but --format is {fmt.value}")
-    runs = [
-        (label, m.history) for label, m in zip(run_labels(metas, checkpoints), metas, strict=True)
-    ]
+    _check_recorded({m for f in figures for m in f}, metas)
+    names = ["curves" if len(f) > 1 else f[0] for f in figures]
+    plan, formats = _figure_outputs(checkpoints[0].parent, names, out, fmt, overwrite)
+    runs = list(zip(run_labels(metas, checkpoints), [m.history for m in metas], strict=True))
     heading = title or default_title(metas)
-    warning = mixed_datasets_warning(metas)
-    if warning:
+    if warning := mixed_datasets_warning(metas):
         _warn(warning)
     with plan.claim() as paths:
         for metrics, path, image in zip(figures, paths, formats, strict=True):
             save_figure(curves_figure(runs, metrics, heading), path, image)
             print(path)
+
+
+def _figure_outputs(
+    folder: Path, names: list[str], out: Path | None, fmt: Format | None, overwrite: bool
+) -> tuple[Any, list[str]]:
+    """The checked output plan for figures NAMES (default: in FOLDER) and each one's format."""
+    from normcli.outputs import image_format, plan_outputs
+
+    suffix = fmt.value if fmt else "png"
+    plan = plan_outputs(out, [folder / f"{n}.{suffix}" for n in names], overwrite)
+    formats = [image_format(p) or suffix for p in plan]
+    if fmt and formats[0] != fmt.value:
+        raise NormcliError(f"--out {out} names a {formats[0]} file, but --format is {fmt.value}")
+    return plan, formats
+
+
+def _check_recorded(metrics: set[str], metas: list) -> None:
+    for name in sorted(metrics):
+        if not any(name in row for meta in metas for row in meta.history):
+            raise NormcliError(f"--metric {name}: no run records it (val_*: train with --val)")
 
 
 def _study_plot(
@@ -679,27 +703,11 @@ def sweep(
     """Train the product of comma-separated run options (e.g. --norm bn,gn --seed 1,2,3), as
     Ray tasks; prints the sweep folder. Re-running resumes; see `eval --group-by`."""
     from normcli.console import SweepProgress
-    from normcli.sweep import expand_grid, import_ray, open_sweep, run_sweep, train_point
+    from normcli.sweep import import_ray, open_sweep, run_sweep, train_point
 
-    given = {k: v for k, v in options.items() if v is not None}
-    parsed = {k: parse_list(k, v) for k, v in given.items()}
-    swept = {k: v for k, v in parsed.items() if len(v) > 1}
-    fixed = {k: v[0] for k, v in parsed.items() if len(v) == 1}
-    fixed.setdefault("threads", cpus_per_run)
     if device.value == "cuda" and gpus_per_run == 0:
         raise NormcliError("--device cuda needs --gpus-per-run (e.g. 0.25)")
-    try:
-        points = expand_grid(swept, fixed)
-    except NormcliError as e:  # the library names options; show the flags typed
-        message = str(e)
-        for name in parsed:
-            message = message.replace(f"option {name}", f"--{name.replace('_', '-')}")
-        raise NormcliError(message) from None
-    for point in points:  # every point checked before Ray starts
-        try:
-            spec_from_options(point.options)
-        except NormcliError as e:
-            raise NormcliError(f"point {point.name}: {as_flags(str(e))}") from None
+    swept, fixed, points = sweep_grid(options, cpus_per_run)
     import_ray()  # without Ray: one line on how to install it, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     manifest, mode = open_sweep(out, swept, fixed, extend=extend)
@@ -723,6 +731,30 @@ def sweep(
             "re-run the same command to retry them",
             exit_code=1,
         )
+
+
+def sweep_grid(options: dict[str, Any], threads: int) -> tuple[dict, dict, list]:
+    """(swept, fixed, points) from the comma lists given; every point is resolved here, so a
+    bad one is refused, by name, before anything runs."""
+    from normcli.sweep import expand_grid
+
+    parsed = {k: parse_list(k, v) for k, v in options.items() if v is not None}
+    swept = {k: v for k, v in parsed.items() if len(v) > 1}
+    fixed = {k: v[0] for k, v in parsed.items() if len(v) == 1}
+    fixed.setdefault("threads", threads)
+    try:
+        points = expand_grid(swept, fixed)
+    except NormcliError as e:  # the library names options; show the flags typed
+        message = str(e)
+        for name in parsed:
+            message = message.replace(f"option {name}", f"--{name.replace('_', '-')}")
+        raise NormcliError(message) from None
+    for point in points:
+        try:
+            spec_from_options(point.options)
+        except NormcliError as e:
+            raise NormcliError(f"point {point.name}: {as_flags(str(e))}") from None
+    return swept, fixed, points
 
 
 def parse_list(name: str, text: str) -> list[Any]:

@@ -247,16 +247,14 @@ def study_figure(
     groups = list(dict.fromkeys(r[hue] for r in rows)) if hue else [None]
     for i, group in enumerate(groups):
         mine = [r for r in rows if hue is None or r[hue] == group]
-        xs = [r[x] for r in mine if r[y] and r[y]["n"]]
-        means = [r[y]["mean"] for r in mine if r[y] and r[y]["n"]]
-        stds = [r[y]["std"] or 0.0 for r in mine if r[y] and r[y]["n"]]
-        label = f"{hue}={group}" if hue else y
-        marker, linestyle = run_style(i)
-        line = ax.errorbar(xs, means, yerr=stds, marker=marker, linestyle=linestyle, capsize=3,
-                           label=label)  # fmt: skip
         runs = [r for r in records if (hue is None or r.get(hue) == group) and y in r]
-        ax.scatter([r[x] for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
-                   color=line.lines[0].get_color())  # fmt: skip
+        _study_line(ax, i, f"{hue}={group}" if hue else y, mine, runs, x, y)
+    _study_axes(ax, rows, x, y, title)
+    return fig
+
+
+def _study_axes(ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | None) -> None:
+    """Log2 x axis for options that double, labels, the title with the largest n, legend."""
     if x in LOG2_OPTIONS:
         ax.set_xscale("log", base=2)
         values = sorted({r[x] for r in rows})
@@ -264,7 +262,22 @@ def study_figure(
     ax.set_xlabel(x)
     ax.set_ylabel(METRICS[y][0] if y in METRICS else y)
     n = max((r[y]["n"] for r in rows if r[y]), default=0)
-    ax.set_title((title + ": " if title else "") + f"{y} (mean ± std, up to n={n} per point)")
+    heading = (title + ": " if title else "") + f"{y} (mean ± std, up to n={n} per point)"
+    ax.set_title(heading, parse_math=False)
     ax.grid(alpha=0.3)
     ax.legend()
-    return fig
+
+
+def _study_line(
+    ax: Axes, i: int, label: str, rows: Sequence[dict], runs: Sequence[dict], x: str, y: str
+) -> None:
+    """One group: its means with ±1 std error bars, and each run as a faint point."""
+    have = [r for r in rows if r[y] and r[y]["n"]]
+    marker, linestyle = run_style(i)
+    line = ax.errorbar(
+        [r[x] for r in have], [r[y]["mean"] for r in have],
+        yerr=[r[y]["std"] or 0.0 for r in have],
+        marker=marker, linestyle=linestyle, capsize=3, label=label,
+    )  # fmt: skip
+    ax.scatter([r[x] for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
+               color=line.lines[0].get_color())  # fmt: skip

@@ -115,16 +115,7 @@ def expand_grid(swept: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any]) ->
     if not swept:
         raise NormcliError("nothing to sweep: give at least one option with a list of values")
     for key, values in swept.items():
-        if key in fixed:
-            raise NormcliError(f"option {key} is both swept and fixed; give it once")
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise NormcliError(f"option {key}: the swept values must be a list")
-        if not values:
-            raise NormcliError(f"option {key}: the list of values to sweep is empty")
-        for i, value in enumerate(values):
-            # == on purpose: 1 and 1.0 are the same run, so a repeat of either is refused.
-            if any(value == earlier for earlier in values[:i]):
-                raise NormcliError(f"option {key}: value {value!r} is given twice")
+        _check_values(key, values, fixed)
     keys = list(swept)
     labels = {key: _safe_key(key) for key in keys}
     points = []
@@ -144,6 +135,20 @@ def expand_grid(swept: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any]) ->
             )
         seen[point.name] = point
     return points
+
+
+def _check_values(key: str, values: Any, fixed: Mapping[str, Any]) -> None:
+    """Refuse a swept option that is also fixed, not a list, empty, or with a repeat."""
+    if key in fixed:
+        raise NormcliError(f"option {key} is both swept and fixed; give it once")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise NormcliError(f"option {key}: the swept values must be a list")
+    if not values:
+        raise NormcliError(f"option {key}: the list of values to sweep is empty")
+    for i, value in enumerate(values):
+        # == on purpose: 1 and 1.0 are the same run, so a repeat of either is refused.
+        if any(value == earlier for earlier in values[:i]):
+            raise NormcliError(f"option {key}: value {value!r} is given twice")
 
 
 def _safe_key(key: str) -> str:
@@ -259,29 +264,44 @@ def _manifest_problem(data: Any) -> str | None:
         return "'suffix' must be a file suffix such as .safetensors"
     if not isinstance(points, list) or not points:
         return "'points' must be a non-empty list"
-    names = set()
+    names: set[str] = set()
     for i, entry in enumerate(points):
-        if not isinstance(entry, dict):
-            return f"point {i} is not an object"
-        name, output = entry.get("name"), entry.get("output")
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            return f"point {i} has no valid name"
-        if name in names:
-            return f"point {name} appears twice"
-        names.add(name)
-        if not isinstance(entry.get("options"), dict):
-            return f"point {name}: 'options' must be an object"
-        if entry.get("status") not in STATUSES:
-            return f"point {name}: status must be one of {', '.join(STATUSES)}"
-        attempts = entry.get("attempts")
-        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
-            return f"point {name}: 'attempts' must be a whole number >= 0"
-        if entry.get("error") is not None and not isinstance(entry["error"], str):
-            return f"point {name}: 'error' must be text or null"
-        if not isinstance(output, str) or not output or "/" in output or output.startswith("."):
-            return f"point {name}: 'output' must be a file name"
-        if entry.get("result") is not None and not isinstance(entry["result"], dict):
-            return f"point {name}: 'result' must be an object or null"
+        problem = _point_problem(i, entry, names)
+        if problem:
+            return problem
+    return None
+
+
+def _is_file_name(value: Any) -> bool:
+    """A plain file name: text, not empty, no folder, not hidden."""
+    return isinstance(value, str) and bool(value) and "/" not in value and value[0] != "."
+
+
+def _point_problem(i: int, entry: Any, names: set[str]) -> str | None:
+    """What is wrong with manifest point `i` (names: those seen so far), or None."""
+    if not isinstance(entry, dict):
+        return f"point {i} is not an object"
+    name, output = entry.get("name"), entry.get("output")
+    if not _is_file_name(name):
+        return f"point {i} has no valid name"
+    if name in names:
+        return f"point {name} appears twice"
+    names.add(name)
+    attempts = entry.get("attempts")
+    checks = (
+        (isinstance(entry.get("options"), dict), "'options' must be an object"),
+        (entry.get("status") in STATUSES, f"status must be one of {', '.join(STATUSES)}"),
+        (isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0,
+         "'attempts' must be a whole number >= 0"),
+        (entry.get("error") is None or isinstance(entry["error"], str),
+         "'error' must be text or null"),
+        (_is_file_name(output), "'output' must be a file name"),
+        (entry.get("result") is None or isinstance(entry["result"], dict),
+         "'result' must be an object or null"),
+    )  # fmt: skip
+    for good, what in checks:
+        if not good:
+            return f"point {name}: {what}"
     return None
 
 
@@ -324,15 +344,7 @@ def compare_manifest(
 ) -> str:
     """'resume' when the request has the manifest's points, 'extend' when it adds points (and
     `extend`); otherwise a NormcliError naming the differing fixed option or points."""
-    old_fixed, new_fixed = manifest["fixed"], _as_json(dict(fixed), "fixed options")
-    differing = [
-        k for k in {**old_fixed, **new_fixed} if old_fixed.get(k, ...) != new_fixed.get(k, ...)
-    ]
-    if differing:
-        shown = ", ".join(
-            f"{k} ({_show(old_fixed, k)} there, {_show(new_fixed, k)} now)" for k in differing
-        )
-        raise NormcliError(f"the sweep in {where} has other fixed options: {shown}")
+    _check_same_fixed(manifest["fixed"], _as_json(dict(fixed), "fixed options"), where)
     if set(manifest["swept"]) != set(swept):
         raise NormcliError(
             f"the sweep in {where} sweeps {', '.join(manifest['swept'])}; "
@@ -356,6 +368,17 @@ def compare_manifest(
             "pass --extend to add them"
         )
     return "extend"
+
+
+def _check_same_fixed(old_fixed: dict, new_fixed: dict, where: str) -> None:
+    differing = [
+        k for k in {**old_fixed, **new_fixed} if old_fixed.get(k, ...) != new_fixed.get(k, ...)
+    ]
+    if differing:
+        shown = ", ".join(
+            f"{k} ({_show(old_fixed, k)} there, {_show(new_fixed, k)} now)" for k in differing
+        )
+        raise NormcliError(f"the sweep in {where} has other fixed options: {shown}")
 
 
 def _identity(options: Mapping[str, Any]) -> str:
@@ -852,6 +875,25 @@ def aggregate(
     """
     if not records:
         return []
+    _check_keys(records, group_by, metrics)
+    groups: dict[str, tuple[list, list]] = {}
+    for record in records:
+        values = [record.get(k) for k in group_by]
+        key = json.dumps(values, sort_keys=True, default=repr)
+        groups.setdefault(key, (values, []))[1].append(record)
+    rows = []
+    for values, members in _in_order(list(groups.values()), len(group_by)):
+        row: dict[str, Any] = dict(zip(group_by, values, strict=True))
+        for metric in metrics:
+            row[metric] = _stats(metric, [r[metric] for r in members if r.get(metric) is not None])
+        rows.append(row)
+    return rows
+
+
+def _check_keys(
+    records: Sequence[Mapping[str, Any]], group_by: Sequence[str], metrics: Sequence[str]
+) -> None:
+    """Refuse group keys or metrics no record has, and a key that is both."""
     available = list(dict.fromkeys(k for r in records for k in r))
     for kind, keys in (("group key", group_by), ("metric", metrics)):
         unknown = [k for k in keys if k not in available]
@@ -862,31 +904,23 @@ def aggregate(
     both = [k for k in group_by if k in metrics]
     if both:
         raise NormcliError(f"{', '.join(both)} cannot be both a group key and a metric")
-    groups: dict[str, tuple[list, list]] = {}
-    for record in records:
-        values = [record.get(k) for k in group_by]
-        key = json.dumps(values, sort_keys=True, default=repr)
-        groups.setdefault(key, (values, []))[1].append(record)
-    ordered = list(groups.values())
+
+
+def _in_order(groups: list[tuple[list, list]], keys: int) -> list[tuple[list, list]]:
+    """Groups sorted key by key: numerically where a key's values are all numbers, else in
+    first-seen order."""
     ranks = []
-    for i in range(len(group_by)):
-        column = [values[i] for values, _ in ordered]
+    for i in range(keys):
+        column = [values[i] for values, _ in groups]
         if all(_is_number(v) for v in column):
             ranks.append(column)
-        else:  # first-seen order of this key's values
+        else:
             first: dict[str, int] = {}
             ranks.append(
                 [first.setdefault(json.dumps(v, default=repr), len(first)) for v in column]
             )
-    order = sorted(range(len(ordered)), key=lambda g: tuple(rank[g] for rank in ranks))
-    rows = []
-    for g in order:
-        values, members = ordered[g]
-        row: dict[str, Any] = dict(zip(group_by, values, strict=True))
-        for metric in metrics:
-            row[metric] = _stats(metric, [r[metric] for r in members if r.get(metric) is not None])
-        rows.append(row)
-    return rows
+    order = sorted(range(len(groups)), key=lambda g: tuple(rank[g] for rank in ranks))
+    return [groups[g] for g in order]
 
 
 def _is_number(value: Any) -> bool:
