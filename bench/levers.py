@@ -18,9 +18,9 @@ Levers:
 - threads: one run on two threads; two runs on one thread each at once; the study's three
   runs on one thread each at once; and the three one after another on two threads each (how
   the study ran before): total training images per second, each run in its own process.
-- augment: the augmentation's cost per image against the whole training step: rotation +
-  sub-pixel shift through affine_grid/grid_sample (the old MNIST default), a whole-pixel
-  translation cropped from a zero-padded batch, none.
+- augment: the augmentation's cost per image against the whole training step: MNIST's
+  rotation + sub-pixel shift with its sampling grid from F.affine_grid (before) and built
+  separably (now), a whole-pixel translation cropped from a zero-padded batch, none.
 - layout: channels_last against contiguous, per norm, on one thread.
 - batch: the step's cost per image at batch 32 to 256, per norm.
 - eval: one evaluation of the test split against one training epoch.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import json
+import math
 import os
 import shlex
 import statistics
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
+import torch.nn.functional as F
 import typer
 from machine import (
     describe,
@@ -69,8 +71,28 @@ CPU = torch.device("cpu")
 NORMS = ("bn", "gn", "ln")
 L1 = {"bn": 1e-4}  # the study's BN + L1
 LEVERS = ("threads", "augment", "layout", "batch", "eval", "compile", "bf16", "peak")
-AUGMENTS = {
-    "rotate+shift (grid_sample)": Augment(degrees=7.0, shift=2.0),
+
+
+class AffineGridRotation:
+    """MNIST's augmentation as it was built before: the same draws and transformation, the
+    sampling grid from F.affine_grid (a batched matrix product over every pixel)."""
+
+    active = True
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, part: Any = None) -> Any:
+        n, _, h, w = x.shape  # one process: `part` (a share of a larger batch) is None
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(7.0)
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 2.0
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0] * 2 / w], 1),
+                             torch.stack([sin, cos, shift[:, 1] * 2 / h], 1)], 1)  # fmt: skip
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+AUGMENTS: dict[str, Any] = {
+    "rotate+shift, F.affine_grid (before)": AffineGridRotation(),
+    "rotate+shift, separable grid (now)": Augment(degrees=7.0, shift=2.0),
     "translate (crop, whole pixels)": Augment(crop_padding=2),
     "none": Augment(),
 }
@@ -149,15 +171,24 @@ def ratio_summary(seconds: dict[str, list[float]], base: str, images: int) -> di
 
 
 def lever_augment(train: Split, test: Split, rounds: int) -> dict[str, Any]:
-    """Training step per image with each augmentation (BN + L1, one thread)."""
+    """Each augmentation timed alone on batches of 64, and the whole training step with it
+    (BN + L1, one thread): its share of the step."""
     images = len(train)
     runs = {name: make_run("bn", train, test) for name in AUGMENTS}
     for name, aug in AUGMENTS.items():
         runs[name].augment = aug
     rows = ratio_summary(alternate_epochs(runs, rounds), "none", images)
-    base = rows["none"]["us_per_image"]
-    for row in rows.values():
-        row["augment_us_per_image"] = row["us_per_image"] - base
+    x = train.images[:64].float() / 255
+    alone: dict[str, list[float]] = {name: [] for name in AUGMENTS}
+    for _ in range(rounds):
+        for name, aug in AUGMENTS.items():
+            generator = torch.Generator().manual_seed(0)
+            start = time.thread_time()
+            for _ in range(50):
+                aug(x, generator)
+            alone[name].append(1e6 * (time.thread_time() - start) / (50 * len(x)))
+    for name, row in rows.items():
+        row["augment_us_per_image"] = statistics.median(alone[name])
         row["share_of_step"] = row["augment_us_per_image"] / row["us_per_image"]
     return {"norm": "bn", "threads": 1, "images": images, "rows": rows}
 
@@ -419,7 +450,7 @@ def main(
     lever: Annotated[list[str] | None, typer.Option(help=f"One of {', '.join(LEVERS)}.")] = None,
     rounds: Annotated[int, typer.Option(help="A/B rounds.")] = 5,
     images: Annotated[int, typer.Option(help="Training images per timed epoch.")] = 6400,
-    thread_images: Annotated[int, typer.Option(help="Images per run, thread lever.")] = 12800,
+    thread_images: Annotated[int, typer.Option(help="Images per run, thread lever.")] = 25600,
     data_dir: Annotated[Path | None, typer.Option(help="Data folder.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="JSON report here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Markdown report here.")] = None,

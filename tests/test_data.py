@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
@@ -530,6 +531,21 @@ def test_affine_with_zero_rotation_and_shift_is_identity() -> None:
     y = random_affine(x, 0.0, 0.0, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.dtype == x.dtype
     torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+
+
+def test_affine_equals_affine_grid_with_the_same_draws() -> None:
+    """The separable grid is F.affine_grid's: rotation about the centre, then the shift."""
+    x = _float_batch(16, c=1, size=28, seed=6)
+    y = random_affine(x, 7.0, 2.0, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)  # the same draws, in the same order
+    angle = (torch.rand(16, generator=g) * 2 - 1) * math.radians(7.0)
+    shift = (torch.rand(16, 2, generator=g) * 2 - 1) * 2.0
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0] * 2 / 28], 1),
+                         torch.stack([sin, cos, shift[:, 1] * 2 / 28], 1)], 1)  # fmt: skip
+    grid = F.affine_grid(theta, [16, 1, 28, 28], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
 
 
 def test_affine_moves_pixels_within_the_bounds() -> None:
