@@ -41,10 +41,12 @@ from normcli.train import checkpoint_meta, new_run, train, train_epoch
 WORLD = 2
 IMAGES, BATCH = 69, 16  # 5 steps; the last batch of 5 splits 3 + 2 (unequal shares)
 # name -> (run options, reference): "same" is the same spec in one process, "ghost" one
-# process whose BatchNorm normalizes each half of a batch on its own.
+# process whose BatchNorm normalizes each half of a batch on its own. L1 at the study's 1e-4:
+# at 1e-3, weights held near zero flip sign on float-order differences of the all-reduce and
+# the two trajectories parted by 2e-3 in 5 steps; a doubled L1 at 1e-4 still fails the check.
 CASES: dict[str, tuple[dict[str, Any], str]] = {
     "gn": ({"norm": "gn"}, "same"),
-    "ln_l1_wd": ({"norm": "ln", "l1": 1e-3, "weight_decay": 1e-2}, "same"),
+    "ln_l1_wd": ({"norm": "ln", "l1": 1e-4, "weight_decay": 1e-2}, "same"),
     "none": ({"norm": "none"}, "same"),
     "bn_sync": ({"norm": "bn", "sync_bn": True}, "same"),
     "bn": ({"norm": "bn"}, "ghost"),
