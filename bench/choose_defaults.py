@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from machine import write_text
+from machine import checkout_env, write_text
 
 from normcli import data
 from normcli.checkpoint import read_metadata
@@ -87,8 +87,7 @@ def train_runs(
     if augment not in AUGMENTS:
         raise typer.BadParameter(f"one of {', '.join(AUGMENTS)}", param_hint="--augment")
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = checkout_env({**os.environ, "OMP_NUM_THREADS": "1"})
     todo = []
     for seed in (int(s) for s in seeds.split(",")):
         for norm in norms.split(","):

@@ -58,10 +58,12 @@ import torch
 import torch.nn.functional as F
 import typer
 from machine import (
+    checkout_env,
     describe,
     load_average,
     machine_info,
     matmul_peak_gflops,
+    smoke_banner,
     training_flops_per_image,
 )
 from rich.console import Console
@@ -322,8 +324,7 @@ def launch(
     `policy` (WAIT_POLICIES); total training img/s over the span from the first training
     start to the last training end."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(WAIT_POLICIES[policy])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = checkout_env({**env, **WAIT_POLICIES[policy]})
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", f"{norm},{threads}", "--images", str(images),
@@ -408,8 +409,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Levers on MNIST training time",
         "",
-        *(["**Smoke run on tiny generated data (--quick): not a measurement.**", ""]
-          * report["settings"]["quick"]),  # fmt: skip
+        *smoke_banner(report["settings"]["quick"]),
         f"Measured {report['date']} on {describe(report['machine'])}. 1-minute load average "
         f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} "
         f"after. {report['settings']['rounds']} rounds, variants alternated within each round; "

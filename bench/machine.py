@@ -117,6 +117,26 @@ def training_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> 
     return counter.get_total_flops() / batch
 
 
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_BANNER = "**Smoke run on tiny generated data (--quick): not a measurement.**"
+
+
+def checkout_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on PYTHONPATH: child processes import its normcli."""
+    path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path}
+
+
+def smoke_banner(quick: bool) -> list[str]:
+    """A report's warning lines when it came from a --quick smoke run, else none."""
+    return [SMOKE_BANNER, ""] if quick else []
+
+
+def command_block(command: str) -> list[str]:
+    """The lines that give a report's command as run from the repository root."""
+    return ["Command, from the repository root:", "", "```", command, "```"]
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a report to PATH ('-': stdout), making its folder."""
     if str(path) == "-":

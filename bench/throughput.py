@@ -66,7 +66,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import typer
-from machine import write_text  # bench/machine.py: a script's folder is on sys.path
+from machine import (  # bench/machine.py: a script's folder is on sys.path
+    command_block,
+    smoke_banner,
+    write_text,
+)
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -520,18 +524,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Throughput: normcli's pipeline vs the usual course pipeline",
         "",
-        *(["**Smoke run on tiny generated data (--quick): not a measurement.**", ""] * s["quick"]),
+        *smoke_banner(s["quick"]),
         f"Measured {report['date']} on one machine: `{m['lscpu_model_name']}`, "
         f"{m['cpus']} cores ({m['usable_cpus']} usable), {m['torch_threads']} torch threads; "
         f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}. "
         f"1-minute load average {report['load_average'][0]:.2f} before the run, "
         f"{report['load_average'][1]:.2f} after.",
         "",
-        "Command, from the repository root:",
-        "",
-        "```",
-        report["command"],
-        "```",
+        *command_block(report["command"]),
         "",
         "| " + " | ".join(_HEADER) + " |",
         "|" + "|".join("---" if i < 4 else "---:" for i in range(len(_HEADER))) + "|",

@@ -39,10 +39,13 @@ from typing import Annotated, Any
 
 import typer
 from machine import (
+    checkout_env,
+    command_block,
     describe,
     load_average,
     machine_info,
     matmul_peak_gflops,
+    smoke_banner,
     training_flops_per_image,
     wait_for_quiet,
     write_text,
@@ -75,8 +78,7 @@ def normcli_shim(folder: Path) -> dict[str, str]:
     shim.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != DATA_ENV}
     env["PATH"] = f"{folder}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+    return checkout_env(env)
 
 
 def step_seconds(log: Path) -> dict[str, int]:
@@ -204,16 +206,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Time to accuracy: `make study DATASET={report['dataset']}`",
         "",
-        *(["**Smoke run on tiny generated data (--quick): not a measurement.**", ""] * quick),
+        *smoke_banner(quick),
         f"Measured {report['date']} on {describe(m)}. Each training runs on "
         f"{report['studies'][0]['runs']['gn']['threads']} thread(s), the three at once; "
         f"OMP_WAIT_POLICY={m['OMP_WAIT_POLICY'] or 'PASSIVE (normcli default)'}.",
         "",
-        "Command, from the repository root:",
-        "",
-        "```",
-        report["command"],
-        "```",
+        *command_block(report["command"]),
         "",
         "| seed | wall (s) | CPU (s) | training (s) | figures + tables (s) | "
         "load avg before | load avg after |",
