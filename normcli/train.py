@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -411,11 +413,38 @@ def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
         for rank, states in enumerate(gather_to_main(_rng_states())):
             if rank:
                 extra.update({f"{key}.{rank}": value for key, value in states.items()})
-    if run.world.main:
-        save_checkpoint(path, run.model, checkpoint_meta(run), extra)
-    run.saved_epochs = run.epoch
+    with _interrupts_held():  # the file and the count of saved epochs change together
+        if run.world.main:
+            save_checkpoint(path, run.model, checkpoint_meta(run), extra)
+            run.saved_epochs = run.epoch
     barrier()
+    run.saved_epochs = run.epoch  # every process: rank 0 has written it
     return Path(path)
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers that
+    were installed. Without it Ctrl-C landing between the checkpoint's rename and the
+    bookkeeping after it reports the epoch as unsaved while the file holds it. Written by
+    hand: neither the standard library nor torch offers it, and blocking the signals with
+    pthread_sigmask would not do (the kernel hands them to another thread, such as
+    OpenMP's, and Python still runs the handler in the main thread)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    installed = {sig: signal.getsignal(sig) for sig in signals}
+    if threading.current_thread() is not threading.main_thread() or None in installed.values():
+        yield  # handlers can only be swapped in the main thread, and restored if Python's
+        return
+    caught: list[int] = []
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in installed.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ on one thread, so all three compute the same floats.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -181,3 +182,31 @@ def test_resume_of_a_finished_run_changes_nothing(
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(ckpt)
     assert ckpt.read_bytes() == before
+
+
+def test_ctrl_c_right_after_a_checkpoint_is_written_counts_that_epoch(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:
+    """Ctrl-C landing just after the file is renamed into place, before the run notes that the
+    epoch is saved: the message must agree with the file (a race CI once hit, made certain)."""
+    module = importlib.import_module("normcli.train")  # `normcli.train` is the function
+    real_save = module.save_checkpoint
+    calls = []
+
+    def save_then_ctrl_c(*args, **kwargs):
+        written = real_save(*args, **kwargs)
+        calls.append(written)
+        signal.raise_signal(signal.SIGINT)  # delivered here, or held until the write is booked
+        return written
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_ctrl_c)
+    ckpt = tmp_path / "run.safetensors"
+    result = cli("train", "--dataset", "mnist", "--data-dir", tiny_data, "--epochs", "3",
+                 "--batch-size", "32", "--device", "cpu", "--out", ckpt)  # fmt: skip
+    assert result.exit_code == 130, result.stderr
+    assert len(calls) == 1 and len(read_metadata(ckpt).history) == 1
+    assert result.stderr == (
+        f"normcli: error: interrupted; epoch 1 of 3 is saved in {ckpt}; "
+        f"resume with: normcli train --resume {ckpt} --data-dir {tiny_data}\n"
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
