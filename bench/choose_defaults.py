@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from machine import checkout_env, write_text
+from machine import checkout_env, mean_std, write_text
 
 from normcli import data
 from normcli.checkpoint import read_metadata
@@ -140,7 +140,7 @@ def folder_rows(folder: Path, on: str) -> list[dict]:
             "folder": folder.name, "recipe": recipe, "norm": norm, "seeds": [s for s, _ in runs],
             "last3": [a[-3:] for _, a in runs], "last3_min": min(last3),
             "final_mean": statistics.mean(finals),
-            "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_std": statistics.stdev(finals) if len(finals) > 1 else None,
             "meets": verdict(last3, finals),
         })  # fmt: skip
     return rows
@@ -180,7 +180,7 @@ def summarize(
         last3 = "; ".join(" / ".join(f"{v:.2f}" for v in a) for a in r["last3"])
         lines.append(
             f"| {r['folder']} | {r['recipe']} | {r['norm']} | {','.join(map(str, r['seeds']))} | "
-            f"{last3} | {r['last3_min']:.2f} | {r['final_mean']:.2f} ± {r['final_std']:.2f} | "
+            f"{last3} | {r['last3_min']:.2f} | {mean_std(r['final_mean'], r['final_std'], 2)} | "
             f"{r['meets']} |"
         )
     text = "\n".join(lines) + "\n"

@@ -19,11 +19,9 @@ Levers:
   threads than cores), under OpenMP's wait policies (passive: idle threads sleep at once;
   default spin; short spin, GOMP_SPINCOUNT=10000); the study's three runs on one thread each
   at once; and the three one after another on two threads each (how the study ran before):
-  total training images per second, each run in its own process. Caveat: a run on two
-  threads in this lever's worker measured 1,900-2,600 img/s where the same run through
-  `normcli train` measured 3,500-4,000 side by side (one thread: the two agree); the cause
-  is not found, so the two-thread rows (and the packing ratios built on them) are not used
-  for decisions: bench/threads_per_run.sh measures `normcli train` itself.
+  total training images per second, each run in its own process. The worker sets no
+  policy of its own: each variant's environment is the policy (normcli's own default,
+  GOMP_SPINCOUNT=1000, is measured through `normcli train` by bench/threads_per_run.sh).
 - augment: the augmentation's cost per image against the whole training step: MNIST's
   rotation + sub-pixel shift with its sampling grid from F.affine_grid (before) and built
   separably (now), a whole-pixel translation cropped from a zero-padded batch, none.

@@ -50,6 +50,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
@@ -67,6 +68,13 @@ def describe(machine: dict[str, Any]) -> str:
         f"({machine['usable_cpus']} usable); torch {machine['torch']}, torchvision "
         f"{machine['torchvision']}, Python {machine['python']}"
     )
+
+
+def openmp_policy(machine: dict[str, Any]) -> str:
+    """The OpenMP wait policy in the environment the numbers ran under (normcli sets
+    GOMP_SPINCOUNT=1000 in its processes where neither variable is set)."""
+    chosen = [f"{k}={machine[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if machine.get(k)]
+    return ", ".join(chosen) or "libgomp's default (300,000 spins)"
 
 
 def load_average() -> list[float]:
@@ -135,6 +143,11 @@ def smoke_banner(quick: bool) -> list[str]:
 def command_block(command: str) -> list[str]:
     """The lines that give a report's command as run from the repository root."""
     return ["Command, from the repository root:", "", "```", command, "```"]
+
+
+def mean_std(mean: float, std: float | None, digits: int) -> str:
+    """'mean ± std', or the mean alone where there is no spread to give (one seed)."""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two trainings sharing the cores, OpenMP idle threads spinning (ACTIVE) or sleeping (PASSIVE,
-# normcli's default since it sets OMP_WAIT_POLICY in its entry point), and one training alone
-# under each policy. Prints a Markdown table of training img/s; run on a quiet machine.
+# normcli's default until bench/threads_per_run.sh showed a short spin better), and one
+# training alone under each policy. Prints a Markdown table of training img/s; run on a quiet machine.
 #
 #   bench/oversubscription.sh [DATA_DIR] > bench/results/threads.md
 set -euo pipefail

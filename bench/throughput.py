@@ -20,7 +20,10 @@ B  the usual course pipeline: a torchvision dataset returning one PIL image per 
    B's main process keeps torch's default thread count, as the course does; on 2 cores its
    threads then compete with the 2 busy workers. --reference-threads 1 measures the
    reference with that contention taken out. A runs on torch's default thread count too
-   (as `normcli train` does); --threads N runs it on N.
+   (as `normcli train` does); --threads N runs it on N. Both run under normcli's OpenMP wait
+   policy (GOMP_SPINCOUNT=1000, normcli.entry.configure_threads) unless the environment sets
+   OMP_WAIT_POLICY or GOMP_SPINCOUNT (GOMP_SPINCOUNT=300000: libgomp's default, a notebook's);
+   the report names the policy.
 
 Timed, per round and pipeline:
 - training: one epoch of --images images (default: the whole training split), from the first
@@ -50,7 +53,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -62,12 +64,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+from normcli.entry import configure_threads
+
+# normcli's OpenMP wait policy for both pipelines (the caller's environment wins); before
+# torch loads, as OpenMP reads it then: hence the imports below it.
+# ruff: noqa: E402
+configure_threads()
+
 import torch
 import torch.nn.functional as F
 import torchvision
 import typer
 from machine import (  # bench/machine.py: a script's folder is on sys.path
+    checkout_env,
     command_block,
+    machine_info,
+    openmp_policy,
     smoke_banner,
     write_text,
 )
@@ -99,6 +111,7 @@ DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"  # ../shared/data from the re
 REFERENCE_WORKERS = 2  # the course's DataLoader num_workers
 MIN_ROUNDS = 3
 WARMUP_BATCHES = 3  # per pipeline, before the first round, not timed
+LIBGOMP_SPIN = "300000"  # libgomp's default GOMP_SPINCOUNT: what a notebook's torch runs with
 QUICK_TRAIN, QUICK_TEST = 256, 128  # --quick: images per generated split
 CPU = torch.device("cpu")
 
@@ -289,6 +302,69 @@ def reference_eval(bench: Bench, model: nn.Module, images: int) -> Timing:
     return Timing(seen, seconds, first)
 
 
+class InProcessReference:
+    """B in this process (under this process's OpenMP policy)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench, self.model = bench, None
+
+    def train(self, images: int) -> Timing:
+        timing, self.model = reference_train(self.bench, images)
+        return timing
+
+    def eval(self, images: int) -> Timing:
+        return reference_eval(self.bench, self.model, images)
+
+    def close(self) -> None:
+        pass
+
+
+class ReferenceProcess:
+    """B in a process of its own under its own OpenMP spin count (a notebook runs under
+    libgomp's default), driven phase by phase so that A and B still alternate. Its bench is
+    built there from the same options; it times each phase itself and answers one JSON line."""
+
+    def __init__(self, options: dict[str, Any], spin: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env["GOMP_SPINCOUNT"] = spin
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--reference-worker", json.dumps(options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=checkout_env(env),
+        )  # fmt: skip
+
+    def _call(self, phase: str, images: int) -> Timing:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{phase} {images}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise NormcliError(f"the reference process ended (exit {self.proc.wait()})")
+        return Timing(**json.loads(answer))
+
+    def train(self, images: int) -> Timing:
+        return self._call("train", images)
+
+    def eval(self, images: int) -> Timing:
+        return self._call("eval", images)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def reference_worker_loop(options: dict[str, Any]) -> None:
+    """The other end of ReferenceProcess: read 'train N' / 'eval N' lines, answer each with
+    the phase's Timing as one JSON line."""
+    config = RunSpec.from_options(**options.pop("run")).resolve()
+    bench, _ = load_bench(config, Path(options.pop("root")), **options)
+    reference = InProcessReference(bench)
+    for line in sys.stdin:
+        phase, images = line.split()
+        timing = reference.train(int(images)) if phase == "train" else reference.eval(int(images))
+        print(json.dumps(dataclasses.asdict(timing)), flush=True)
+
+
 # ---------------------------------------------------------------------------
 # Rounds, summaries
 # ---------------------------------------------------------------------------
@@ -331,13 +407,13 @@ def load_bench(
     return bench, eval_images or len(test_split)
 
 
-def warm_up(bench: Bench) -> None:
+def warm_up(bench: Bench, reference: InProcessReference | ReferenceProcess) -> None:
     """A few batches of each pipeline: one-time costs stay out of the timed rounds."""
     n = min(WARMUP_BATCHES * bench.run.train.batch_size, len(bench.train_split))
     _, model = normcli_train(bench, n)
     normcli_eval(bench, model, min(EVAL_BATCH_SIZE, len(bench.test_split)))
-    _, model = reference_train(bench, n)
-    reference_eval(bench, model, min(n, len(bench.test_split)))
+    reference.train(n)
+    reference.eval(min(n, len(bench.test_split)))
 
 
 def summarize(a: list[Timing], b: list[Timing], target: float | None) -> dict[str, Any]:
@@ -364,17 +440,25 @@ def summarize(a: list[Timing], b: list[Timing], target: float | None) -> dict[st
     }
 
 
-def measure(bench: Bench, eval_images: int, rounds: int, quick: bool = False) -> dict[str, Any]:
-    """Warm up, then `rounds` rounds of A, B (training), A, B (evaluation); the summary."""
+def measure(
+    bench: Bench,
+    eval_images: int,
+    rounds: int,
+    quick: bool = False,
+    reference: InProcessReference | ReferenceProcess | None = None,
+) -> dict[str, Any]:
+    """Warm up, then `rounds` rounds of A, B (training), A, B (evaluation); the summary.
+    B runs in `reference` (default: in this process)."""
     m, config = bench.run.model, bench.run.train
+    reference = reference or InProcessReference(bench)
     if not quick:  # a smoke run is all warm-up
-        warm_up(bench)
+        warm_up(bench, reference)
     timings: dict[str, list[Timing]] = {k: [] for k in ("a_train", "b_train", "a_eval", "b_eval")}
     for r in range(rounds):
         a_train, model_a = normcli_train(bench, bench.train_images)
-        b_train, model_b = reference_train(bench, bench.train_images)
+        b_train = reference.train(bench.train_images)
         a_eval = normcli_eval(bench, model_a, eval_images)
-        b_eval = reference_eval(bench, model_b, eval_images)
+        b_eval = reference.eval(eval_images)
         for key, t in zip(timings, (a_train, b_train, a_eval, b_eval), strict=True):
             timings[key].append(t)
         console.print(
@@ -405,25 +489,6 @@ def measure(bench: Bench, eval_images: int, rounds: int, quick: bool = False) ->
             timings["b_eval"],
             None if quick else TARGETS.get((m.dataset, "eval")),
         ),
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine and software the numbers were measured with."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        lscpu = ""
-    model_line = next((ln for ln in lscpu.splitlines() if ln.startswith("Model name:")), "")
-    return {
-        "lscpu_model_name": " ".join(model_line.split()) or platform.processor(),
-        "cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
     }
 
 
@@ -526,7 +591,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *smoke_banner(s["quick"]),
         f"Measured {report['date']} on one machine: `{m['lscpu_model_name']}`, "
-        f"{m['cpus']} cores ({m['usable_cpus']} usable), {m['torch_threads']} torch threads; "
+        f"{m['cpus']} cores ({m['usable_cpus']} usable), {m['torch_threads']} torch threads, "
+        f"OpenMP {openmp_policy(m)}; "
         f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}. "
         f"1-minute load average {report['load_average'][0]:.2f} before the run, "
         f"{report['load_average'][1]:.2f} after.",
@@ -560,7 +626,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "schedule, contiguous memory format. Evaluation: DataLoader with ToTensor + Normalize, "
         f"{s['workers']} workers, the training batch size (the course builds its test loader "
         "from the same arguments), `torch.no_grad`. The main process runs "
-        f"{s['reference_threads']} torch thread(s); DataLoader gives each worker 1.",
+        f"{s['reference_threads']} torch thread(s); DataLoader gives each worker 1. "
+        f"OpenMP: A under {openmp_policy(m)}; B in "
+        f"{s.get('reference_openmp', 'the same process as A')}.",
         "- **Timed**: one epoch per round (or `--images` images), from the first batch request "
         "to the last step, so B's worker start-up and shutdown are counted: with "
         "`persistent_workers=False` the course pays them every epoch. Not timed: reading the "
@@ -630,8 +698,21 @@ def main(
             "--quick", help="Smoke run: tiny generated data (--data-dir ignored), 1 round."
         ),
     ] = False,
+    reference_spin: Annotated[
+        str,
+        typer.Option(
+            help="GOMP_SPINCOUNT of the reference's own process (default: libgomp's, as a "
+            "notebook runs); 'same' runs it in this process under normcli's policy."
+        ),
+    ] = LIBGOMP_SPIN,
+    reference_worker: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Images/second of normcli's training and evaluation vs the usual DataLoader pipeline."""
+    if reference_worker is not None:
+        reference_worker_loop(json.loads(reference_worker))
+        return
+    if reference_spin != "same" and not reference_spin.isdigit():
+        raise typer.BadParameter("a spin count (digits) or 'same'", param_hint="--reference-spin")
     try:
         report = run(
             datasets=[d.value for d in dict.fromkeys(dataset)],
@@ -648,6 +729,7 @@ def main(
             threads=threads,
             data_dir=data_dir,
             quick=quick,
+            reference_spin=None if reference_spin == "same" else reference_spin,
         )
     except NormcliError as e:
         console.print(f"error: {e}", style="red", highlight=False, soft_wrap=True)
@@ -675,15 +757,16 @@ def run(
     threads: int | None = None,
     data_dir: Path | None = None,
     quick: bool = False,
+    reference_spin: str | None = LIBGOMP_SPIN,
 ) -> dict[str, Any]:
-    """Measure every dataset in `datasets`; the report as a JSON-able dict."""
+    """Measure every dataset in `datasets`; the report as a JSON-able dict. `reference_spin`:
+    B's GOMP_SPINCOUNT, in a process of its own; None: B in this process, A's policy."""
     # Every option checked before any data is read or any round runs.
-    configs = [
-        RunSpec.from_options(
-            dataset=d, model=model, norm=norm, groups=groups, batch_size=batch_size
-        ).resolve()
+    run_options = [
+        {"dataset": d, "model": model, "norm": norm, "groups": groups, "batch_size": batch_size}
         for d in datasets
     ]
+    configs = [RunSpec.from_options(**options).resolve() for options in run_options]
     if quick:
         rounds = 1
     elif rounds < MIN_ROUNDS:
@@ -705,18 +788,20 @@ def run(
         else:
             root = data_dir or Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR)
         results = []
-        for config in configs:
-            bench, n_eval = load_bench(
-                config,
-                root,
-                images=images,
-                eval_images=eval_images,
-                reference_eval_batch_size=reference_eval_batch_size,
-                workers=workers,
-                reference_threads=reference_threads,
-                threads=threads,
+        for config, options in zip(configs, run_options, strict=True):
+            common = {"images": images, "eval_images": eval_images, "workers": workers,
+                      "reference_eval_batch_size": reference_eval_batch_size,
+                      "reference_threads": reference_threads}  # fmt: skip
+            bench, n_eval = load_bench(config, root, threads=threads, **common)
+            reference = (
+                InProcessReference(bench)
+                if reference_spin is None
+                else ReferenceProcess({"run": options, "root": str(root), **common}, reference_spin)
             )
-            results.append(measure(bench, n_eval, rounds, quick))
+            try:
+                results.append(measure(bench, n_eval, rounds, quick, reference))
+            finally:
+                reference.close()
     return {
         "command": shlex.join(["python", *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -730,6 +815,9 @@ def run(
             "reference_threads": reference_threads or torch.get_num_threads(),
             "threads": threads or torch.get_num_threads(),
             "warmup_batches": WARMUP_BATCHES,
+            "reference_openmp": "same process as A"
+            if reference_spin is None
+            else f"own process, GOMP_SPINCOUNT={reference_spin}",
         },
         "results": results,
     }

@@ -37,6 +37,13 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+from normcli.entry import configure_threads
+
+# normcli's OpenMP wait policy, set here so the report records it and the study's commands
+# inherit it; before torch loads (machine imports it), hence the imports below it.
+# ruff: noqa: E402
+configure_threads()
+
 import typer
 from machine import (
     checkout_env,
@@ -45,6 +52,8 @@ from machine import (
     load_average,
     machine_info,
     matmul_peak_gflops,
+    mean_std,
+    openmp_policy,
     smoke_banner,
     training_flops_per_image,
     wait_for_quiet,
@@ -149,7 +158,7 @@ def check(dataset: str, studies: list[dict[str, Any]]) -> dict[str, Any]:
             "label": studies[0]["runs"][name]["label"],
             "final": finals,
             "final_mean": statistics.mean(finals),
-            "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_std": statistics.stdev(finals) if len(finals) > 1 else None,
             "last3_min": min(last3),
         }
     verdict: dict[str, Any] = {"wall": None, "last3": None, "final_mean": None}
@@ -209,7 +218,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         *smoke_banner(quick),
         f"Measured {report['date']} on {describe(m)}. Each training runs on "
         f"{report['studies'][0]['runs']['gn']['threads']} thread(s), the three at once; "
-        f"OMP_WAIT_POLICY={m['OMP_WAIT_POLICY'] or 'PASSIVE (normcli default)'}.",
+        # Reports from before normcli's spin default ran its PASSIVE default then.
+        f"OpenMP {openmp_policy(m) if 'GOMP_SPINCOUNT' in m else 'OMP_WAIT_POLICY=PASSIVE'}.",
         "",
         *command_block(report["command"]),
         "",
@@ -243,12 +253,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Over {len(report['studies'])} seed(s):",
         "",
-        "| run | final mean ± std | least of the last three epochs |",
+        f"| run | {'final mean ± std' if len(report['studies']) > 1 else 'final'} | "
+        "least of the last three epochs |",
         "|---|---:|---:|",
     ]
     for n in c["norms"].values():
         lines.append(
-            f"| {n['label']} | {n['final_mean']:.3f} ± {n['final_std']:.3f} | "
+            f"| {n['label']} | {mean_std(n['final_mean'], n['final_std'], 3)} | "
             f"{n['last3_min']:.2f} |"
         )
     if target is not None and not quick:
@@ -324,8 +335,19 @@ def main(
     quick: Annotated[
         bool, typer.Option("--quick", help="Smoke run: tiny generated data, 1 epoch, no verdict.")
     ] = False,
+    render: Annotated[
+        Path | None,
+        typer.Option(help="Train nothing: re-check and re-write the reports of this JSON report."),
+    ] = None,
 ) -> None:
     """Run the study as `make study` does, time it, and check the accuracy criterion."""
+    if render is not None:
+        report = json.loads(render.read_text())
+        report["check"] = check(report["dataset"], report["studies"])
+        if report["settings"]["quick"]:
+            report["check"]["met"] = {k: None for k in report["check"]["met"]}
+        write_reports(report, json_path, markdown)
+        return
     if dataset not in ("mnist", "cifar10"):
         raise typer.BadParameter("mnist or cifar10", param_hint="--dataset")
     seed_list = [int(s) for s in seeds.split(",")]
@@ -362,6 +384,10 @@ def main(
     }
     if quick:
         report["check"]["met"] = {k: None for k in report["check"]["met"]}
+    write_reports(report, json_path, markdown)
+
+
+def write_reports(report: dict[str, Any], json_path: Path | None, markdown: Path | None) -> None:
     print_summary(report)
     if json_path is not None:
         write_text(json_path, json.dumps(report, indent=2) + "\n")

@@ -923,10 +923,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def run() -> None:
-    """Console-script entry point (kept for old installs; see `normcli.entry.run`)."""
-    from normcli.entry import run as entry_run
-
-    entry_run()

@@ -31,6 +31,7 @@ INTERRUPTED = 130  # 128 + SIGINT
 TERMINATED = 128 + signal.SIGTERM  # 143
 BROKEN_PIPE = 128 + signal.SIGPIPE  # 141
 STDOUT_ERRORS = "normcli.stdout"
+SPIN_COUNT = "1000"  # OpenMP idle spin before sleeping: see configure_threads
 
 
 class Terminated(KeyboardInterrupt):
@@ -173,13 +174,18 @@ def release_stdout() -> None:
 
 
 def configure_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
+    """Idle OpenMP threads spin briefly, then sleep: GOMP_SPINCOUNT=1000 (libgomp, what
+    torch's Linux wheels use; libgomp's own default is 300,000 spins, PASSIVE is 0), unless
+    the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT.
 
-    Must run before torch loads its OpenMP runtime. With the default spinning, several
-    normcli processes sharing the cores starve each other: two trainings at 2 threads each
-    on a 2-core machine ran at 59 and 54 img/s, against 1,640 and 1,969 img/s with passive
-    waiting (bench/results/threads.md)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    Must run before torch loads its OpenMP runtime, which reads them once. Long spinning
+    starves other processes on the same cores (two 2-thread MNIST trainings at once on 2
+    cores: 71-157 img/s each, against about 2,600 without spinning); no spinning makes one
+    MNIST training alone slower on 2 threads than on 1 (2,749 against 3,612 img/s), as its
+    threads sleep and wake between small kernels. A short spin keeps most of both:
+    bench/results/threads_per_run.md."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
 def run() -> None:

@@ -70,6 +70,22 @@ def test_quick_markdown_names_machine_and_command(quick_report: tuple[dict, str]
     assert "| mnist |" in page and "| cifar10 |" in page
 
 
+def test_each_pipeline_runs_under_its_own_openmp_policy(quick_report: tuple[dict, str]) -> None:
+    """A under normcli's short spin (set before torch loads), B in its own process under
+    libgomp's default spin, as a notebook runs; `--reference-spin same` puts B back in."""
+    report, page = quick_report
+    assert report["machine"]["GOMP_SPINCOUNT"] == "1000"
+    assert report["settings"]["reference_openmp"] == "own process, GOMP_SPINCOUNT=300000"
+    assert "A under GOMP_SPINCOUNT=1000; B in own process, GOMP_SPINCOUNT=300000" in page
+    result = run_bench("--quick", "--reference-spin", "same", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    same = json.loads(result.stdout)
+    assert same["settings"]["reference_openmp"] == "same process as A"
+    assert same["results"][0]["train"]["reference_images_per_s"] > 0
+    bad = run_bench("--quick", "--reference-spin", "lots")
+    assert bad.returncode == 2 and "--reference-spin" in bad.stderr
+
+
 def test_fewer_than_three_rounds_is_refused() -> None:
     result = run_bench("--rounds", "2", "--data-dir", "/nonexistent")
     assert result.returncode == 2

@@ -50,6 +50,21 @@ def test_quick_study_page_names_machine_command_and_load(study_report) -> None:
     assert "not a measurement" in page
 
 
+def test_one_seed_has_no_spread_and_a_report_re_renders_from_its_json(
+    study_report, tmp_path: Path
+) -> None:
+    report, page = study_report
+    for norm in report["check"]["norms"].values():  # one seed: no "± 0.000"
+        assert norm["final_std"] is None and len(norm["final"]) == 1
+        assert f"| {norm['label']} | {norm['final_mean']:.3f} | " in page
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(report))
+    again = tmp_path / "again.md"
+    result = run_script("time_to_accuracy.py", "--render", saved, "--markdown", again)
+    assert result.returncode == 0, result.stderr
+    assert again.read_text() == page
+
+
 def test_quick_levers_report_each_lever(tmp_path: Path) -> None:
     page = tmp_path / "levers.md"
     result = run_script(

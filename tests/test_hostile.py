@@ -456,6 +456,23 @@ def test_both_entry_points_are_the_small_module() -> None:
     assert not any("torch" in line or "typer" in line or "normcli.cli" in line for line in heavy)
 
 
+@pytest.mark.parametrize(
+    ("user", "spins"),
+    [({}, "1000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "0"), ({"GOMP_SPINCOUNT": "7"}, "7")],
+)
+def test_openmp_idle_threads_spin_briefly_unless_the_user_chose(user, spins) -> None:
+    """What libgomp itself reports (OMP_DISPLAY_ENV) when torch loads under the console
+    script's entry point: normcli's policy must be in place before that, or it is ignored."""
+    env = {k: v for k, v in _env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run(
+        [sys.executable, "-c", "from normcli.entry import run; run()", "summary", "--help"],
+        env={**env, **user, "OMP_DISPLAY_ENV": "VERBOSE"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"GOMP_SPINCOUNT = '{spins}'" in result.stderr
+
+
 # --- 4. environment ----------------------------------------------------------------------------
 
 
