@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -188,19 +189,27 @@ def reference_dataset(spec: Dataset, root: Path, train: bool) -> TorchDataset:
 
 @dataclass
 class Bench:
-    """Everything both pipelines need for one dataset, loaded once."""
+    """Everything both pipelines need for one dataset, loaded once (B's datasets on first use:
+    when B runs in its own process, only that process reads them)."""
 
     run: RunSpec  # resolved; B uses it with channels_last=False
     spec: Dataset
-    train_split: Split  # A, in memory
+    data_dir: Path
+    train_split: Split  # A, in memory (B's schedule is built from it too)
     test_split: Split
-    reference_train: TorchDataset  # B
-    reference_test: TorchDataset
     train_images: int  # per round
     reference_eval_batch_size: int
     workers: int
     reference_threads: int | None  # torch threads of B's main process; None: torch's default
     threads: int | None = None  # torch threads of A; None: torch's default
+
+    @functools.cached_property
+    def reference_train(self) -> TorchDataset:
+        return reference_dataset(self.spec, self.data_dir, train=True)
+
+    @functools.cached_property
+    def reference_test(self) -> TorchDataset:
+        return reference_dataset(self.spec, self.data_dir, train=False)
 
 
 @dataclass
@@ -394,10 +403,9 @@ def load_bench(
     bench = Bench(
         run=run,
         spec=spec,
+        data_dir=data_dir,
         train_split=train_split,
         test_split=test_split,
-        reference_train=reference_dataset(spec, data_dir, train=True),
-        reference_test=reference_dataset(spec, data_dir, train=False),
         train_images=images or len(train_split),
         reference_eval_batch_size=reference_eval_batch_size or run.train.batch_size,
         workers=workers,
@@ -444,13 +452,12 @@ def measure(
     bench: Bench,
     eval_images: int,
     rounds: int,
-    quick: bool = False,
-    reference: InProcessReference | ReferenceProcess | None = None,
+    quick: bool,
+    reference: InProcessReference | ReferenceProcess,
 ) -> dict[str, Any]:
     """Warm up, then `rounds` rounds of A, B (training), A, B (evaluation); the summary.
-    B runs in `reference` (default: in this process)."""
+    B runs in `reference`: this process, or one of its own."""
     m, config = bench.run.model, bench.run.train
-    reference = reference or InProcessReference(bench)
     if not quick:  # a smoke run is all warm-up
         warm_up(bench, reference)
     timings: dict[str, list[Timing]] = {k: [] for k in ("a_train", "b_train", "a_eval", "b_eval")}
@@ -788,10 +795,10 @@ def run(
         else:
             root = data_dir or Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR)
         results = []
+        common = {"images": images, "eval_images": eval_images, "workers": workers,
+                  "reference_eval_batch_size": reference_eval_batch_size,
+                  "reference_threads": reference_threads}  # fmt: skip
         for config, options in zip(configs, run_options, strict=True):
-            common = {"images": images, "eval_images": eval_images, "workers": workers,
-                      "reference_eval_batch_size": reference_eval_batch_size,
-                      "reference_threads": reference_threads}  # fmt: skip
             bench, n_eval = load_bench(config, root, threads=threads, **common)
             reference = (
                 InProcessReference(bench)
