@@ -557,10 +557,10 @@ def worker_errors() -> Iterator[None]:
     """Around the work of a process started by a launcher (nothing otherwise).
 
     SIGTERM, as the launcher sends it to stop the others when one process fails, interrupts
-    like Ctrl-C. A failure is recorded in torchelastic's error file (TORCHELASTIC_ERROR_FILE),
-    where the launcher finds it. Rank 0 then raises it as usual, to be reported; the other
-    processes exit with its exit code and print nothing, and so does rank 0 under `launch`,
-    which reports one line for all of them."""
+    like Ctrl-C; once the work has failed, both are ignored. A failure is recorded in
+    torchelastic's error file (TORCHELASTIC_ERROR_FILE), where the launcher finds it. Rank 0
+    then raises it as usual, to be reported; the other processes exit with its exit code and
+    print nothing, and so does rank 0 under `launch`, which reports one line for all of them."""
     if "RANK" not in os.environ:
         yield
         return
@@ -570,6 +570,13 @@ def worker_errors() -> Iterator[None]:
     except BaseException as e:
         if isinstance(e, SystemExit) and e.code in (0, None):
             raise
+        # A failed worker is on its way out. The launcher's signal to stop every worker may
+        # still reach it: while it records its failure (an interrupt there would be a second
+        # error line), or as late as the interpreter's shutdown (a traceback from torch's
+        # finalizers). From here on the signals are ignored.
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        handlers.clear()
         code = _record_failure(e)
         if is_main_process() and LAUNCHER_ENV not in os.environ:
             raise

@@ -6,7 +6,8 @@ CLI (torch, typer: seconds), so that an interrupt at any moment ends the same wa
 - Ctrl-C (SIGINT) and SIGTERM (what `kill` and Slurm send) raise KeyboardInterrupt in the
   main thread, so the same cleanup runs for both (temporary files removed, training's
   resume hint); the exit code is 130 for SIGINT and 143 for SIGTERM, after one line on
-  stderr, never a traceback, even during the imports.
+  stderr, never a traceback, even during the imports. Once the command is over (its output
+  written, its cleanup done), they end the process silently, as their default action does.
 - stdout and stderr never fail on a character the locale cannot encode (a latin-1 or
   ASCII terminal): stderr escapes it, stdout writes '?' (paths that are not valid UTF-8
   keep their original bytes).
@@ -63,6 +64,16 @@ def install_signal_handlers() -> None:
     """SIGTERM raises Terminated; SIGINT keeps Python's KeyboardInterrupt."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def exit_on_signals() -> None:
+    """From here on SIGINT and SIGTERM end the process at once, as their default action
+    does (exit status 130 / 143 to a shell), with nothing printed: the command's work and
+    cleanup are over, and an exception raised in the interpreter's shutdown (torch's
+    finalizers) would only print a traceback. A signal that is ignored stays ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _replace_keeping_bytes(error: UnicodeError) -> tuple[str | bytes, int]:
@@ -194,10 +205,13 @@ def run() -> None:
     configure_streams()
     configure_threads()
     try:
-        from normcli.cli import main
+        try:
+            from normcli.cli import main
 
-        code = main()
-    except KeyboardInterrupt:  # during the imports, or after main() returned
+            code = main()
+        finally:
+            exit_on_signals()
+    except KeyboardInterrupt:  # during the imports (main() reports its own)
         code = interrupt_exit_code()
         print(f"normcli: error: {interrupt_message()}", file=sys.stderr)
     release_stdout()

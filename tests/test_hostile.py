@@ -447,6 +447,46 @@ def test_sigterm_during_training_is_an_interrupt_with_the_resume_hint(tmp_path: 
     assert read_metadata(ckpt).resume is not None
 
 
+# `python -m normcli ARGS`, with SIG sent to itself by its last atexit callback: during the
+# interpreter's shutdown, after the command's own work and output (torch's finalizers run then).
+_SIGNAL_AT_EXIT = """
+import atexit, os, runpy, signal, sys, time
+atexit.register(lambda: (os.kill(os.getpid(), signal.{sig}), time.sleep(0.5)))
+sys.argv = ["normcli", *sys.argv[1:]]
+runpy.run_module("normcli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_interpreter_exits_ends_it_without_a_traceback(sig) -> None:
+    """The work is done: the signal's default action ends the process, nothing is printed."""
+    script = _SIGNAL_AT_EXIT.format(sig=sig.name)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "summary", "--model", "mnist_net", "--json"],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (-sig, "")
+    assert json.loads(proc.stdout)  # the command's output was complete before the signal
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_failed_worker_stopped_by_its_launcher_while_exiting_stays_quiet(sig, tmp_path) -> None:
+    """A worker under `normcli train --nproc N` that failed is on its way out when the launcher
+    signals every worker to stop (CI caught a traceback from torch's finalizers): it exits with
+    its own code, having printed nothing (the launcher reports one line for all)."""
+    script = _SIGNAL_AT_EXIT.format(sig=sig.name)
+    errors = tmp_path / "error.json"
+    env = _env(RANK="0", NORMCLI_LAUNCHER="1", TORCHELASTIC_ERROR_FILE=str(errors))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "train", "--nproc", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "")
+    record = json.loads(errors.read_text())
+    assert record["normcli"] == {"rank": 0, "exit_code": 2, "kind": "user"}
+    assert record["message"] == "--nproc must be a positive number of processes, got 0"
+
+
 def test_both_entry_points_are_the_small_module() -> None:
     root = Path(normcli.__file__).parents[1]
     assert 'normcli = "normcli.entry:run"' in (root / "pyproject.toml").read_text()
