@@ -57,6 +57,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normcli.entry import STOP_SIGNALS
 from normcli.errors import NormcliError
 
 __all__ = [
@@ -547,7 +548,7 @@ def _stop(signum: int, frame: Any) -> None:
     """SIGINT or SIGTERM in a worker: stop as Ctrl-C does, once; the launcher may send both."""
     global _interrupted
     _interrupted = True
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
@@ -564,7 +565,7 @@ def worker_errors() -> Iterator[None]:
     if "RANK" not in os.environ:
         yield
         return
-    handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
     try:
         yield
     except BaseException as e:

@@ -31,6 +31,7 @@ from types import FrameType
 INTERRUPTED = 130  # 128 + SIGINT
 TERMINATED = 128 + signal.SIGTERM  # 143
 BROKEN_PIPE = 128 + signal.SIGPIPE  # 141
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill`, Slurm, a launcher
 STDOUT_ERRORS = "normcli.stdout"
 SPIN_COUNT = "1000"  # OpenMP idle spin before sleeping: see configure_threads
 
@@ -71,7 +72,7 @@ def exit_on_signals() -> None:
     does (exit status 130 / 143 to a shell), with nothing printed: the command's work and
     cleanup are over, and an exception raised in the interpreter's shutdown (torch's
     finalizers) would only print a traceback. A signal that is ignored stays ignored."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
 

@@ -70,6 +70,7 @@ from normcli.distributed import (
     was_interrupted,
     wrap_ddp,
 )
+from normcli.entry import STOP_SIGNALS
 from normcli.errors import NormcliError
 from normcli.evaluate import Metrics, evaluate
 from normcli.models import count_params
@@ -430,13 +431,12 @@ def _interrupts_held() -> Iterator[None]:
     hand: neither the standard library nor torch offers it, and blocking the signals with
     pthread_sigmask would not do (the kernel hands them to another thread, such as
     OpenMP's, and Python still runs the handler in the main thread)."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    installed = {sig: signal.getsignal(sig) for sig in signals}
+    installed = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     if threading.current_thread() is not threading.main_thread() or None in installed.values():
         yield  # handlers can only be swapped in the main thread, and restored if Python's
         return
     caught: list[int] = []
-    for sig in signals:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
