@@ -12,7 +12,7 @@ import csv
 import io
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -151,23 +151,19 @@ def _fmt(value: Any) -> str:
 
 def markdown_table(reports: Sequence[CheckpointReport]) -> str:
     """The comparison table in Markdown (for READMEs and bench/results)."""
-    lines = [
-        "| run | norm | params | epochs | best test acc (%) | final test acc (%) "
-        "| eval acc (%) | wrong | test loss | s/epoch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in reports:
-        spe = f"{r.seconds_per_epoch:.1f}" if r.seconds_per_epoch is not None else "-"
-        lines.append(
-            f"| {r.name} | {r.label} | {r.params:,} | {r.epochs} | {_pct(r.best_accuracy)} "
-            f"| {_pct(r.final_accuracy)} | {r.metrics.accuracy:.2f} | {r.metrics.wrong} "
-            f"| {r.metrics.loss:.4f} | {spe} |"
-        )
-    return "\n".join(lines)
+    columns = ["run", "norm", "params", "epochs", "best test acc (%)", "final test acc (%)",
+               "eval acc (%)", "wrong", "test loss", "s/epoch"]  # fmt: skip
+    cells = [
+        (r.name, r.label, f"{r.params:,}", r.epochs, _fixed(r.best_accuracy),
+         _fixed(r.final_accuracy), f"{r.metrics.accuracy:.2f}", r.metrics.wrong,
+         f"{r.metrics.loss:.4f}", _fixed(r.seconds_per_epoch, 1))
+        for r in reports
+    ]  # fmt: skip
+    return to_markdown(columns, cells, right=columns[2:])
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _fixed(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def show_report(rep: CheckpointReport, class_names: Sequence[str]) -> None:
@@ -251,9 +247,12 @@ def flat_rows(rows: Sequence[dict], keys: Sequence[str]) -> tuple[list[str], lis
     return columns, cells
 
 
-def to_markdown(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+def to_markdown(
+    columns: Sequence[str], cells: Sequence[Sequence[Any]], right: Collection[str] = ()
+) -> str:
+    """A Markdown table; the columns named in `right` are right-aligned."""
+    rule = "".join(" ---: |" if c in right else " --- |" for c in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + rule]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
     return "\n".join(lines)
 
