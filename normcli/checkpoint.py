@@ -60,6 +60,25 @@ class EpochRecord(_EpochRequired, total=False):
 HISTORY_KEYS: tuple[str, ...] = tuple(typing.get_type_hints(EpochRecord))
 
 
+class RunMetrics(TypedDict, total=False):
+    """A finished run's final metrics, from its history (study.final_metrics): the last row's,
+    where an error is 100 - that accuracy (the GN paper's axis), and totals over all rows.
+    The one declaration of the metrics studies aggregate and plot."""
+
+    test_accuracy: float
+    test_loss: float
+    train_loss: float
+    test_error: float
+    val_accuracy: float  # val_*: with a validation split
+    val_loss: float
+    val_error: float
+    seconds: float  # training time of all epochs
+    epochs: int
+
+
+FINAL_METRICS: tuple[str, ...] = tuple(typing.get_type_hints(RunMetrics))
+
+
 class ResumeState(TypedDict):
     """What resuming needs besides tensors: how far the run got and the size of an epoch."""
 

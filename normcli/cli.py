@@ -452,7 +452,7 @@ def _show_groups(
     checkpoints: list[Path], group_by: str, json_: bool, markdown: bool, csv: bool
 ) -> None:
     from normcli.console import flat_rows, group_rows, print_table, to_csv, to_markdown
-    from normcli.sweep import study_table
+    from normcli.study import study_table
 
     keys = [k.strip() for k in group_by.split(",") if k.strip()]
     rows = study_table(checkpoints, keys)
@@ -648,7 +648,7 @@ def _study_plot(
 ) -> None:  # fmt: skip
     from normcli.outputs import image_format, plan_outputs
     from normcli.plots import default_title, save_figure, study_figure
-    from normcli.sweep import aggregate, checkpoint_records
+    from normcli.study import aggregate, checkpoint_records
 
     suffix = fmt.value if fmt else "png"
     default = checkpoints[0].parent / f"{y}_by_{x}{f'_{hue}' if hue else ''}.{suffix}"

@@ -16,21 +16,34 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from normcli.checkpoint import Checkpoint, CheckpointMeta, atomic_write
+from normcli.checkpoint import (
+    FINAL_METRICS,
+    HISTORY_KEYS,
+    Checkpoint,
+    CheckpointMeta,
+    atomic_write,
+)
 from normcli.data import Split, denormalize, get_dataset, normalize
 from normcli.evaluate import EVAL_BATCH_SIZE, Mistake, find_misclassified, predict
 
-# history key -> (axis label with unit, title)
-METRICS: dict[str, tuple[str, str]] = {
-    "test_loss": ("loss (cross-entropy)", "Test loss"),
-    "test_accuracy": ("accuracy (%)", "Test accuracy"),
-    "train_loss": ("loss (cross-entropy)", "Train loss"),
-    "train_accuracy": ("accuracy (%)", "Train accuracy"),
-    "lr": ("learning rate", "Learning rate"),
-    "test_error": ("test error (%)", "Test error"),
-    "val_accuracy": ("accuracy (%)", "Validation accuracy"),
-    "val_loss": ("loss (cross-entropy)", "Validation loss"),
-    "val_error": ("validation error (%)", "Validation error"),
+_SPLITS = {"train": "Train", "test": "Test", "val": "Validation"}
+
+
+def _axis(name: str) -> tuple[str, str] | None:
+    """(axis label with unit, title) of a metric named <split>_<loss|accuracy|error>."""
+    split, _, kind = name.partition("_")
+    if split not in _SPLITS:
+        return None
+    word = _SPLITS[split]
+    units = {"loss": "loss (cross-entropy)", "accuracy": "accuracy (%)",
+             "error": f"{word.lower()} error (%)"}  # fmt: skip
+    return (units[kind], f"{word} {kind}") if kind in units else None
+
+
+# metric -> (axis label with unit, title), for the history's keys and a run's final metrics
+# (declared once, in checkpoint.EpochRecord and checkpoint.RunMetrics).
+METRICS: dict[str, tuple[str, str]] = {"lr": ("learning rate", "Learning rate")} | {
+    name: axis for name in (*HISTORY_KEYS, *FINAL_METRICS) if (axis := _axis(name))
 }
 DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
 DPI = 100
@@ -240,7 +253,7 @@ def study_figure(
     title: str | None = None,
 ) -> Figure:
     """A final metric against a run option: one line per `hue` value at the mean over seeds,
-    ±1 std error bars, and each run as a faint point. `rows` come from sweep.aggregate over
+    ±1 std error bars, and each run as a faint point. `rows` come from study.aggregate over
     [hue, x] (or [x]); `records` are the runs themselves."""
     fig = Figure(figsize=(7.2, 4.8), layout="constrained")
     ax = fig.subplots()

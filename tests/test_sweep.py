@@ -21,7 +21,8 @@ from normcli.checkpoint import read_file, read_metadata
 from normcli.config import RunSpec
 from normcli.data import Split, load_split
 from normcli.plots import study_figure
-from normcli.sweep import aggregate, checkpoint_records, expand_grid, run_points, train_point
+from normcli.study import aggregate, checkpoint_records
+from normcli.sweep import expand_grid, run_points, train_point
 from normcli.train import hold_out, new_run, run_epoch, save_run, train
 
 HERE = Path(__file__).resolve().parent

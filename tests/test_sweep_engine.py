@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from normcli.errors import NormcliError
+from normcli.study import aggregate
 from normcli.sweep import (
     MANIFEST_NAME,
     NEEDS_RAY,
     Point,
-    aggregate,
     compare_manifest,
     create_manifest,
     expand_grid,
@@ -317,9 +317,10 @@ def test_import_without_ray_and_the_install_hint(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
         "import normcli.sweep as s\n"
+        "from normcli.errors import NormcliError\n"
         "try:\n"
         "    s.run_points([s.Point('a', {})], print, folder='.')\n"
-        "except s.NormcliError as e:\n"
+        "except NormcliError as e:\n"
         "    print(e)\n"
     )
     out = subprocess.run(
@@ -379,12 +380,13 @@ def test_address_that_listens_but_is_not_ray(tmp_path: Path) -> None:
     code = (
         "import socket, time\n"
         "import normcli.sweep as s\n"
+        "from normcli.errors import NormcliError\n"
         "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
         "t = time.monotonic()\n"
         "try:\n"
         "    s.run_points([s.Point('a', {})], print, folder='.',\n"
         "                 address='127.0.0.1:%d' % srv.getsockname()[1], connect_timeout=2)\n"
-        "except s.NormcliError as e:\n"
+        "except NormcliError as e:\n"
         "    print('%.1f' % (time.monotonic() - t), e)\n"
     )
     started = time.monotonic()
@@ -523,7 +525,7 @@ class TestOnAConnectedRay:
         """A run on another node whose sweep folder is missing there: its bytes come back."""
         import ray
 
-        from normcli.sweep import _run_point
+        from normcli.sweep.engine import _run_point
 
         missing = str(tmp_path / "not-on-that-node" / "a.json")
         body = ray.remote(_run_point).options(num_cpus=1)

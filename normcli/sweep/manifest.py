@@ -1,0 +1,316 @@
+"""The sweep manifest: FOLDER/manifest.json records the grid, the fixed options and each point's
+status, attempts, last error, output file name and result.
+
+Only the driver writes it, always whole and atomically (temp file in the same folder, then
+os.replace), so a crash or Ctrl-C never leaves a half-written manifest. `open_sweep` creates
+it, resumes it, or extends it with new points. A manifest read back is checked against the
+`Manifest` record by config's one validator, then for the values types cannot say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+from normcli.errors import NormcliError
+from normcli.sweep.grid import Point, expand_grid, names
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+STATUSES = ("pending", "running", "done", "failed")
+DEFAULT_SUFFIX = ".safetensors"
+
+
+class PointEntry(TypedDict):
+    """One point in the manifest: what it runs and how it went."""
+
+    name: str  # the point's name: a plain file name, unique in the sweep
+    options: dict[str, Any]  # every run option
+    status: str  # one of STATUSES
+    attempts: int  # tries so far
+    error: str | None  # the last failure, one line; None once done
+    output: str  # the output's file name in the sweep folder
+    result: dict[str, Any] | None  # what the task returned, once done
+
+
+class Manifest(TypedDict):
+    """manifest.json: the grid and every point's entry."""
+
+    format: int  # MANIFEST_FORMAT
+    swept: dict[str, list[Any]]  # option -> its values, in grid order
+    fixed: dict[str, Any]  # the options every point shares
+    suffix: str  # of every output file name
+    points: list[PointEntry]
+
+
+def check_suffix(suffix: str) -> None:
+    """Refuse an output suffix that does not start with '.' or names a folder."""
+    if not _is_suffix(suffix):
+        raise NormcliError(f"output suffix {suffix!r} must start with '.' and name no folder")
+
+
+def _is_suffix(suffix: str) -> bool:
+    return suffix.startswith(".") and "/" not in suffix and os.sep not in suffix
+
+
+def new_manifest(
+    swept: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any], *, suffix: str = DEFAULT_SUFFIX
+) -> Manifest:
+    """A manifest (not yet written) with every point of the grid pending."""
+    check_suffix(suffix)
+    points = expand_grid(swept, fixed)
+    return {
+        "format": MANIFEST_FORMAT,
+        "swept": _as_json({k: list(v) for k, v in swept.items()}, "swept options"),
+        "fixed": _as_json(dict(fixed), "fixed options"),
+        "suffix": suffix,
+        "points": [_new_entry(p, suffix) for p in points],
+    }
+
+
+def _new_entry(point: Point, suffix: str) -> PointEntry:
+    """The manifest entry of a point that has not run yet."""
+    return {
+        "name": point.name,
+        "options": _as_json(point.options, f"options of {point.name}"),
+        "status": "pending",
+        "attempts": 0,
+        "error": None,
+        "output": point.name + suffix,
+        "result": None,
+    }
+
+
+def _as_json(value: Any, what: str) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), refused if JSON cannot hold it."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise NormcliError(f"{what} cannot be saved as JSON: {exc}") from None
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write FOLDER/manifest.json atomically: a temp file in the same folder, then os.replace."""
+    from normcli.checkpoint import atomic_write  # the one atomic writer
+
+    path = Path(folder) / MANIFEST_NAME
+    text = json.dumps(manifest, indent=1) + "\n"  # serialize first: a failure writes nothing
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
+def create_manifest(
+    folder: str | os.PathLike,
+    swept: Mapping[str, Sequence[Any]],
+    fixed: Mapping[str, Any],
+    *,
+    suffix: str = DEFAULT_SUFFIX,
+) -> Manifest:
+    """Create the sweep folder's manifest with every point pending; refuse to replace one."""
+    folder = Path(folder)
+    if (folder / MANIFEST_NAME).exists():
+        raise NormcliError(
+            f"{folder / MANIFEST_NAME} exists already; resume it or pick a new folder"
+        )
+    manifest = new_manifest(swept, fixed, suffix=suffix)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def load_manifest(folder: str | os.PathLike) -> Manifest:
+    """Read and check FOLDER/manifest.json: NormcliError if missing, malformed or foreign."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NormcliError(f"{path} not found: {folder} is not a sweep folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NormcliError(f"cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise NormcliError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    problem = _manifest_problem(data)
+    if problem:
+        raise NormcliError(f"{path} is not a normcli sweep manifest: {problem}")
+    return data
+
+
+def _manifest_problem(data: Any) -> str | None:
+    """What is wrong with a parsed manifest, or None: its format, then the types (the one
+    validator), then the values."""
+    from normcli.config import check_type  # imports torch: only when a manifest is read
+
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("format") != MANIFEST_FORMAT:
+        return f"format {data.get('format')!r}, this normcli reads format {MANIFEST_FORMAT}"
+    problem = check_type(data, Manifest)
+    if problem:
+        return problem
+    if not all(data["swept"].values()):
+        return "'swept' must map option names to non-empty lists"
+    if not _is_suffix(data["suffix"]):
+        return "'suffix' must be a file suffix such as .safetensors"
+    if not data["points"]:
+        return "'points' must be a non-empty list"
+    seen: set[str] = set()
+    for i, entry in enumerate(data["points"]):
+        problem = _point_problem(i, entry, seen)
+        if problem:
+            return problem
+    return None
+
+
+def _is_file_name(value: str) -> bool:
+    """A plain file name: not empty, no folder, not hidden."""
+    return bool(value) and "/" not in value and value[0] != "."
+
+
+def _point_problem(i: int, entry: PointEntry, seen: set[str]) -> str | None:
+    """What is wrong with the values of well-typed point `i` (seen: names so far), or None."""
+    name = entry["name"]
+    if not _is_file_name(name):
+        return f"point {i} has no valid name"
+    if name in seen:
+        return f"point {name} appears twice"
+    seen.add(name)
+    checks = (
+        (entry["status"] in STATUSES, f"status must be one of {', '.join(STATUSES)}"),
+        (entry["attempts"] >= 0, "'attempts' must be a whole number >= 0"),
+        (_is_file_name(entry["output"]), "'output' must be a file name"),
+    )
+    for good, what in checks:
+        if not good:
+            return f"point {name}: {what}"
+    return None
+
+
+def update_point(
+    folder: str | os.PathLike,
+    manifest: Manifest,
+    name: str,
+    status: str,
+    *,
+    attempts: int | None = None,
+    error: str | None = None,
+    result: dict | None = None,
+) -> PointEntry:
+    """Set one point's status (driver only) and rewrite the manifest atomically; returns the entry.
+
+    `error` and `result` replace the stored ones (so a finished point loses an earlier error);
+    `attempts`, when given, replaces the stored count.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {STATUSES}")
+    entry = next((e for e in manifest["points"] if e["name"] == name), None)
+    if entry is None:
+        raise KeyError(f"no point named {name} in the manifest")
+    entry["status"] = status
+    entry["error"] = error
+    entry["result"] = result
+    if attempts is not None:
+        entry["attempts"] = attempts
+    write_manifest(folder, manifest)
+    return entry
+
+
+def compare_manifest(
+    manifest: Manifest,
+    swept: Mapping[str, Sequence[Any]],
+    fixed: Mapping[str, Any],
+    *,
+    extend: bool = False,
+    where: str = "this folder",
+) -> str:
+    """'resume' when the request has the manifest's points, 'extend' when it adds points (and
+    `extend`); otherwise a NormcliError naming the differing fixed option or points."""
+    _check_same_fixed(manifest["fixed"], _as_json(dict(fixed), "fixed options"), where)
+    if set(manifest["swept"]) != set(swept):
+        raise NormcliError(
+            f"the sweep in {where} sweeps {', '.join(manifest['swept'])}; "
+            f"this request sweeps {', '.join(swept)}"
+        )
+    old = {_identity(e["options"]): e["name"] for e in manifest["points"]}
+    new = {_identity(p.options): p.name for p in expand_grid(swept, fixed)}
+    missing = [name for key, name in old.items() if key not in new]
+    added = [name for key, name in new.items() if key not in old]
+    if missing:
+        extra = f"; new: {names(added)}" if added else ""
+        raise NormcliError(
+            f"the sweep in {where} has runs this request lacks: {names(missing)}{extra} "
+            "(repeat the old values, or use a new folder)"
+        )
+    if not added:
+        return "resume"
+    if not extend:
+        raise NormcliError(
+            f"this request adds {len(added)} runs to the sweep in {where} ({names(added)}); "
+            "pass --extend to add them"
+        )
+    return "extend"
+
+
+def _check_same_fixed(old_fixed: dict, new_fixed: dict, where: str) -> None:
+    differing = [
+        k for k in {**old_fixed, **new_fixed} if old_fixed.get(k, ...) != new_fixed.get(k, ...)
+    ]
+    if differing:
+        shown = ", ".join(
+            f"{k} ({_show(old_fixed, k)} there, {_show(new_fixed, k)} now)" for k in differing
+        )
+        raise NormcliError(f"the sweep in {where} has other fixed options: {shown}")
+
+
+def _identity(options: Mapping[str, Any]) -> str:
+    """A point's identity: its options as canonical JSON (so key order does not matter)."""
+    return json.dumps(_as_json(dict(options), "options"), sort_keys=True)
+
+
+def _show(options: Mapping[str, Any], key: str) -> str:
+    """An option's value for a message, or 'unset'."""
+    return json.dumps(options[key]) if key in options else "unset"
+
+
+def open_sweep(
+    folder: str | os.PathLike,
+    swept: Mapping[str, Sequence[Any]],
+    fixed: Mapping[str, Any],
+    *,
+    extend: bool = False,
+    suffix: str = DEFAULT_SUFFIX,
+) -> tuple[Manifest, str]:
+    """Create, resume or extend the sweep in `folder`; returns (manifest, 'new'|'resume'|'extend').
+
+    Extending keeps the old points' entries (status, attempts, results) and adds the new points
+    as pending, in the new grid's order.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).exists():
+        return create_manifest(folder, swept, fixed, suffix=suffix), "new"
+    manifest = load_manifest(folder)
+    action = compare_manifest(manifest, swept, fixed, extend=extend, where=str(folder))
+    if action == "extend":
+        old = {_identity(e["options"]): e for e in manifest["points"]}
+        fresh = new_manifest(swept, fixed, suffix=manifest["suffix"])
+        fresh["points"] = [old.get(_identity(e["options"]), e) for e in fresh["points"]]
+        manifest = fresh
+        write_manifest(folder, manifest)
+    return manifest, action
+
+
+def manifest_points(manifest: Manifest, *, retry_failed: bool = True) -> list[Point]:
+    """The points still to run: pending, interrupted ('running') and, if asked, failed ones."""
+    skip = {"done"} if retry_failed else {"done", "failed"}
+    return [Point(e["name"], e["options"]) for e in manifest["points"] if e["status"] not in skip]
+
+
+def records(manifest: Manifest) -> list[dict]:
+    """One record per finished point: its options merged with its result, for `aggregate`."""
+    return [
+        {**e["options"], **(e["result"] or {})} for e in manifest["points"] if e["status"] == "done"
+    ]
