@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import normcli
-from normcli import distributed
+from normcli import parallel
 from normcli.checkpoint import load_checkpoint, read_file, read_metadata, save_checkpoint
 from normcli.config import RunSpec
 from normcli.data import Part, batches, get_dataset, synthetic_split, write_synthetic
@@ -80,7 +80,7 @@ def rank_main(rank: int, init_method: str, folder: str, data: str) -> None:
         for name, (options, _) in CASES.items():
             run = new_run(spec_of(options, WORLD), train_split, test_split, torch.device("cpu"))
             train_epoch(run)
-            distributed.average_running_stats(run.model)  # as run_epoch does before evaluating
+            parallel.average_running_stats(run.model)  # as run_epoch does before evaluating
             states[name] = {k: v.clone() for k, v in run.model.state_dict().items()}
         torch.save(states, Path(folder) / f"rank{rank}.pt")
         spec = RunSpec.from_options(**CLI_RUN, world_size=WORLD)
@@ -206,7 +206,7 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     def launch(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(distributed, "launch", launch)
+    monkeypatch.setattr(parallel, "launch", launch)
 
 
 @pytest.mark.parametrize(
