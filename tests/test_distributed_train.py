@@ -75,6 +75,8 @@ def rank_main(rank: int, init_method: str, folder: str, data: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
     try:
+        # RANK is not set here: the answer comes from the group this process joined.
+        assert (parallel.rank(), parallel.is_main_process()) == (rank, rank == 0)
         train_split, test_split = splits()
         states = {}
         for name, (options, _) in CASES.items():
@@ -239,6 +241,20 @@ def test_more_processes_than_gpus_are_refused(
         "normcli: error: 2 processes on cuda need a GPU each; this machine has 1: "
         "use fewer processes or the cpu device\n"
     )
+
+
+def test_which_process_this_is_comes_from_the_launcher_before_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert (parallel.rank(), parallel.is_main_process(), parallel.launched()) == (0, True, False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (parallel.rank(), parallel.is_main_process(), parallel.run_size()) == (1, False, 2)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(NormcliError, match="^RANK is set but is not a number: 'one'$"):
+        parallel.is_main_process()
 
 
 def test_checkpoints_from_before_data_parallelism_still_load(tmp_path: Path) -> None:
