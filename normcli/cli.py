@@ -233,9 +233,9 @@ def train(
     **options: Any,
 ) -> None:
     """Train a model; prints the checkpoint path on stdout."""
-    from normcli import distributed
+    from normcli import parallel
 
-    with distributed.worker_errors():  # under a launcher: one error line, not one per process
+    with parallel.worker_errors():  # under a launcher: one error line, not one per process
         _train(ctx, data_dir, device.value, out, overwrite, resume, nproc, options)
 
 
@@ -251,24 +251,24 @@ def _train(
 ) -> None:
     from contextlib import nullcontext
 
-    from normcli import distributed
+    from normcli import parallel
     from normcli.console import ProgressReporter
     from normcli.train import SilentReporter, resume_training
     from normcli.train import train as run_training
 
     if nproc is not None and nproc < 1:
         raise NormcliError(f"--nproc must be a positive number of processes, got {nproc}")
-    if nproc is not None and distributed.launched():
+    if nproc is not None and parallel.launched():
         raise NormcliError("--nproc starts processes; this one was started by a launcher")
     if resume is not None:
         _refuse_run_options_with_resume(ctx)
     else:
-        spec = spec_from_options({**options, "world_size": nproc or distributed.run_size()})
+        spec = spec_from_options({**options, "world_size": nproc or parallel.run_size()})
     if nproc is not None:  # this process only starts the workers, which run this command
         _launch_workers(ctx, nproc, spec if resume is None else None, resume, data_dir,
                         device, out, overwrite)  # fmt: skip
         return
-    main_process = distributed.is_main_process()  # under a launcher, rank 0 alone reports
+    main_process = parallel.is_main_process()  # under a launcher, rank 0 alone reports
     progress = ProgressReporter() if main_process else nullcontext(SilentReporter())
     with progress as reporter:
         if resume is not None:
@@ -322,12 +322,12 @@ def _launch_workers(
     """`train --nproc`: check what can be checked here, then run `nproc` workers of this
     command through torchrun's launcher. Each gets the run options as resolved here, so every
     one trains the run validated here; rank 0 prints the progress and the path."""
-    from normcli import distributed
+    from normcli import parallel
     from normcli.checkpoint import read_metadata
     from normcli.config import default_threads
     from normcli.train import check_world_size, output_path, resolve_device
 
-    distributed.check_devices(nproc, resolve_device(device))
+    parallel.check_devices(nproc, resolve_device(device))
     args = ["--debug"] if ctx.find_root().params.get("debug") else []
     args += ["train", "--device", device]
     if data_dir is not None:
@@ -350,7 +350,7 @@ def _launch_workers(
                 args.append(flag if value else f"--no-{flag[2:]}")
             else:
                 args += [flag, repr(value) if isinstance(value, float) else str(value)]
-    distributed.launch(args, nproc, threads=threads or default_threads(nproc))
+    parallel.launch(args, nproc, threads=threads or default_threads(nproc))
 
 
 class SortOrder(str, Enum):

@@ -11,7 +11,7 @@ everything else (the one-cycle schedule from the config and the epoch count), so
 interrupted run continues to exactly the weights an uninterrupted run would reach (on
 the CPU, same seed and thread count).
 
-Several processes (TrainArgs.world_size > 1, started by a launcher: see normcli.distributed)
+Several processes (TrainArgs.world_size > 1, started by a launcher: see normcli.parallel)
 run the same loop, each on its share of every batch: the batch size is the global batch.
 Every process draws the same order and augmentation and keeps its rows of each batch
 (data.batches' shard), so W processes see exactly the images, augmented alike, that one
@@ -55,7 +55,11 @@ from normcli.checkpoint import (
 )
 from normcli.config import RunSpec
 from normcli.data import Augment, Dataset, Split, batches, get_dataset, load_split
-from normcli.distributed import (
+from normcli.entry import STOP_SIGNALS
+from normcli.errors import NormcliError
+from normcli.evaluate import Metrics, evaluate
+from normcli.models import count_params
+from normcli.parallel import (
     World,
     average_running_stats,
     barrier,
@@ -70,10 +74,6 @@ from normcli.distributed import (
     was_interrupted,
     wrap_ddp,
 )
-from normcli.entry import STOP_SIGNALS
-from normcli.errors import NormcliError
-from normcli.evaluate import Metrics, evaluate
-from normcli.models import count_params
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import sys
 from collections.abc import Iterator
@@ -10,44 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from normcli import plots
 from normcli.cli import main
-from normcli.data import idx_bytes, write_synthetic
+from normcli.data import write_synthetic
 
 TINY_TRAIN = 200
 TINY_TEST = 100
-
-
-def write_idx(path: Path, data: torch.Tensor, compress: bool = False) -> Path:
-    """Write a uint8 tensor as an IDX file (optionally gzipped), as the MNIST files are."""
-    raw = idx_bytes(data)
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(raw))
-    else:
-        path.write_bytes(raw)
-    return path
-
-
-def cifar_records(images: torch.Tensor, labels: torch.Tensor) -> bytes:
-    """CIFAR-10 binary records: label byte, then 1024 R, 1024 G, 1024 B bytes."""
-    flat = images.reshape(len(labels), -1)
-    return torch.cat([labels.to(torch.uint8)[:, None], flat], 1).numpy().tobytes()
-
-
-def write_mnist(root: Path, n_train: int = TINY_TRAIN, n_test: int = TINY_TEST) -> Path:
-    """Tiny MNIST in ROOT/MNIST/raw/ (official IDX names, uncompressed)."""
-    return write_synthetic("mnist", root, n_train, n_test)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data folder with tiny MNIST and CIFAR-10 in the official layouts."""
     root = tmp_path_factory.mktemp("data")
-    write_mnist(root)
+    write_synthetic("mnist", root, TINY_TRAIN, TINY_TEST)
     write_synthetic("cifar10", root, TINY_TRAIN, TINY_TEST)
     return root
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cifar_records, write_idx
 
 from normcli import data
 from normcli.data import (
     Augment,
     batches,
+    cifar_records,
     denormalize,
     get_dataset,
     load_split,
@@ -32,6 +32,7 @@ from normcli.data import (
     read_cifar_py,
     read_idx,
     resolve_data_dir,
+    write_idx,
 )
 from normcli.errors import NormcliError
 
@@ -346,7 +347,8 @@ def _write_bad_label(tmp_path: Path, reader: str) -> Path:
     labels = torch.tensor([3, 10])
     if reader == "mnist":
         _write_mnist_files(tmp_path / "MNIST" / "raw", compress=False)
-        write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", torch.full((20,), 12))
+        labels = torch.full((20,), 12, dtype=torch.uint8)
+        write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", labels)
         return tmp_path
     if reader == "bin":
         path = tmp_path / "test_batch.bin"

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from normcli.distributed import (
+from normcli.parallel import (
     CpuSyncBatchNorm,
     SyncBatchNormFunction,
     average_running_stats,

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import normcli
-from normcli import distributed
+from normcli import parallel
 from normcli.checkpoint import load_checkpoint, read_file, read_metadata, save_checkpoint
 from normcli.config import RunSpec
 from normcli.data import Part, batches, get_dataset, synthetic_split, write_synthetic
@@ -75,12 +75,14 @@ def rank_main(rank: int, init_method: str, folder: str, data: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
     try:
+        # RANK is not set here: the answer comes from the group this process joined.
+        assert (parallel.rank(), parallel.is_main_process()) == (rank, rank == 0)
         train_split, test_split = splits()
         states = {}
         for name, (options, _) in CASES.items():
             run = new_run(spec_of(options, WORLD), train_split, test_split, torch.device("cpu"))
             train_epoch(run)
-            distributed.average_running_stats(run.model)  # as run_epoch does before evaluating
+            parallel.average_running_stats(run.model)  # as run_epoch does before evaluating
             states[name] = {k: v.clone() for k, v in run.model.state_dict().items()}
         torch.save(states, Path(folder) / f"rank{rank}.pt")
         spec = RunSpec.from_options(**CLI_RUN, world_size=WORLD)
@@ -206,7 +208,7 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     def launch(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(distributed, "launch", launch)
+    monkeypatch.setattr(parallel, "launch", launch)
 
 
 @pytest.mark.parametrize(
@@ -239,6 +241,20 @@ def test_more_processes_than_gpus_are_refused(
         "normcli: error: 2 processes on cuda need a GPU each; this machine has 1: "
         "use fewer processes or the cpu device\n"
     )
+
+
+def test_which_process_this_is_comes_from_the_launcher_before_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert (parallel.rank(), parallel.is_main_process(), parallel.launched()) == (0, True, False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (parallel.rank(), parallel.is_main_process(), parallel.run_size()) == (1, False, 2)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(NormcliError, match="^RANK is set but is not a number: 'one'$"):
+        parallel.is_main_process()
 
 
 def test_checkpoints_from_before_data_parallelism_still_load(tmp_path: Path) -> None:

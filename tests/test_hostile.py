@@ -413,11 +413,10 @@ def test_a_signal_during_the_imports_is_one_line(sig, code, line) -> None:
 
 
 def test_sigterm_during_training_is_an_interrupt_with_the_resume_hint(tmp_path: Path) -> None:
-    from conftest import write_mnist
-
     from normcli.checkpoint import read_metadata
+    from normcli.data import write_synthetic
 
-    data = write_mnist(tmp_path / "data", n_train=600, n_test=100)
+    data = write_synthetic("mnist", tmp_path / "data", n_train=600, n_test=100)
     ckpt = tmp_path / "run.safetensors"
     proc = subprocess.Popen(
         [sys.executable, "-m", "normcli", "train", "--data-dir", str(data), "--epochs", "50",

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_mnist
 
 import normcli
 from normcli.checkpoint import load_checkpoint, read_file, read_metadata
+from normcli.data import write_synthetic
 from normcli.errors import NormcliError
 
 EPOCHS = 3
@@ -36,7 +36,7 @@ TIMING_KEYS = {"seconds", "images_per_second"}  # wall-clock numbers differ betw
 @pytest.fixture(scope="module")
 def resume_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MNIST with enough training images that an epoch takes a noticeable fraction of a second."""
-    return write_mnist(tmp_path_factory.mktemp("resume_data"), n_train=600, n_test=100)
+    return write_synthetic("mnist", tmp_path_factory.mktemp("resume_data"), n_train=600, n_test=100)
 
 
 @pytest.fixture

@@ -625,9 +625,10 @@ def _(e: Env) -> list[str | Path]:
 
 @case("resume-with-other-data", "does not fit", "same data and limit")
 def _(e: Env) -> list[str | Path]:
-    from conftest import write_mnist
+    from normcli.data import write_synthetic
 
-    root = write_mnist(e.tmp / "bigger", n_train=400)  # other data: other steps per epoch
+    # Other data: other steps per epoch.
+    root = write_synthetic("mnist", e.tmp / "bigger", n_train=400)
     return ["train", "--resume", e.ckpt, "--data-dir", root, "--device", "cpu"]
 
 

@@ -172,12 +172,10 @@ def test_json_output_never_holds_nan() -> None:
 
 @pytest.mark.parametrize("shape", [(0, 28, 28), (5, 0, 28), (0,)])
 def test_idx_files_declaring_no_items_are_refused(tmp_path: Path, shape: tuple) -> None:
-    from conftest import write_idx, write_mnist
-
-    from normcli.data import load_split
+    from normcli.data import load_split, write_idx, write_synthetic
     from normcli.errors import NormcliError
 
-    write_mnist(tmp_path)
+    write_synthetic("mnist", tmp_path)
     raw = tmp_path / "MNIST" / "raw"
     name = "t10k-images-idx3-ubyte" if len(shape) == 3 else "t10k-labels-idx1-ubyte"
     write_idx(raw / name, torch.zeros(shape, dtype=torch.uint8))

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import write_mnist
 
 from normcli.checkpoint import read_file, read_metadata
 from normcli.config import RunSpec
-from normcli.data import Split, load_split
+from normcli.data import Split, load_split, write_synthetic
 from normcli.plots import study_figure
 from normcli.study import aggregate, checkpoint_records
 from normcli.sweep import expand_grid, run_points, train_point
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("workers_import_the_tests")
 
 @pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_mnist(tmp_path_factory.mktemp("sweep_data"), n_train=200, n_test=100)
+    return write_synthetic("mnist", tmp_path_factory.mktemp("sweep_data"), n_train=200, n_test=100)
 
 
 @pytest.fixture(scope="module")
