@@ -57,8 +57,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normcli.entry import STOP_SIGNALS
 from normcli.errors import NormcliError
+from normcli.runtime import INTERRUPTED, STOP_SIGNALS
 
 __all__ = [
     "COLLECTIVE_TIMEOUT",
@@ -601,7 +601,7 @@ def _record_failure(error: BaseException) -> int:
     if isinstance(error, NormcliError):
         code, message, kind = error.exit_code, str(error), "user"
     elif isinstance(error, KeyboardInterrupt):
-        code, message, kind = 130, "interrupted", "secondary"
+        code, message, kind = INTERRUPTED, "interrupted", "secondary"
     elif isinstance(error, SystemExit):
         code = error.code if isinstance(error.code, int) else 1
         message, kind = f"exit {error.code}", "internal"
@@ -610,7 +610,7 @@ def _record_failure(error: BaseException) -> int:
         message = f"internal error: {type(error).__name__}: {error}"
     message = (message.strip().splitlines() or [type(error).__name__])[0]
     gone = isinstance(error, dist.DistError) or bool(_PEER_GONE.search(str(error)))
-    if _interrupted or code == 130 or (kind == "internal" and gone):
+    if _interrupted or code == INTERRUPTED or (kind == "internal" and gone):
         kind = "secondary"
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
@@ -664,8 +664,8 @@ def launch(args: Sequence[str], nproc: int, *, threads: int) -> None:
             raise _failure_line(e.failures, _records(logs)) from None
         except SignalException:  # Ctrl-C or SIGTERM to this process: the agent stopped all
             rec = _records(logs).get(0)
-            message = rec["message"] if rec and rec["exit_code"] == 130 else "interrupted"
-            raise NormcliError(message, exit_code=130) from None
+            message = rec["message"] if rec and rec["exit_code"] == INTERRUPTED else "interrupted"
+            raise NormcliError(message, exit_code=INTERRUPTED) from None
 
 
 @contextmanager
