@@ -1,19 +1,21 @@
 """The run description: what rebuilds a model (`ModelArgs`), how it was trained (`TrainArgs`),
-the two together (`RunSpec`), and the one validator that reads them back from JSON.
+and the two together (`RunSpec`).
 
 Both records are stored once in every checkpoint, under their own metadata keys, with the
 same field names users type as options (`--batch-size` is `batch_size`). A field left None
 means "the default": `resolve()` fills it from the dataset, model and norm records, and the
-resolved record is what a checkpoint holds.
+resolved record is what a checkpoint holds (read back by normcli.schema's validator).
+
+Each field is a run option declared once, with `option()`: its help text, its tag in the
+default checkpoint name, its range and its value in files written before it existed live
+in the field's metadata, and the CLI, the names and the readers take them from there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import types
-import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,29 +23,65 @@ from typing import Any
 import torch
 from torch import nn
 
-from normcli.data import get_dataset
+from normcli.data import DATASETS, get_dataset
 from normcli.errors import NormcliError
 from normcli.models import build_model, check_model_fits, default_model, resolve_groups
 from normcli.norms import NORMS, format_lambda, get_norm, norm_label, resolve_ws
+from normcli.runtime import default_threads
 
 CHECKPOINT_DIR = Path("checkpoints")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; stay within a signed int64
+
+
+def option(
+    default: Any,
+    help: str | None = None,
+    *,
+    tag: str | None = None,
+    check: tuple[Callable[[Any], bool], str] | None = None,
+    choices: Mapping[str, Any] | None = None,
+    before: Any = dataclasses.MISSING,
+) -> Any:
+    """A field of the run description, declared once with everything about it: `help`, the
+    option's help text (a field without it is not an option users type); `tag`, its short
+    name in the default checkpoint name when the value differs from the default (training
+    options); `check`, (does a value fit, what it must be); `choices`, the table of valid
+    names; `before`, what a checkpoint written before the field existed means."""
+    meta = {"help": help, "tag": tag, "check": check, "choices": choices}
+    if before is not dataclasses.MISSING:
+        meta["before"] = before
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+_POSITIVE = (lambda v: _finite(v) and v > 0, "positive")
+_NON_NEGATIVE = (lambda v: _finite(v) and v >= 0, "a non-negative number")
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     """What rebuilds the model: the network, its norm, and the dataset it classifies."""
 
-    dataset: str = "mnist"
-    model: str | None = None  # registry name; None: the default model for the dataset
-    norm: str = "bn"
-    groups: int | None = None  # GroupNorm groups; None: the model's default (gn only)
-    ws: bool | None = None  # weight-standardized convolutions; None: the norm's default
-    dropout: float | None = None  # None: the dataset's default
+    dataset: str = option("mnist", "Dataset to train on.", choices=DATASETS)
+    model: str | None = option(  # None: the default model for the dataset
+        None, "Registry name (see `normcli summary --list`). Default: the dataset's."
+    )
+    norm: str = option("bn", "bn, gn (GroupNorm), ln (GroupNorm(1, C)), in, none.", choices=NORMS)
+    groups: int | None = option(  # GroupNorm groups; None: the model's default (gn only)
+        None, "Groups for gn (default: the model's, see `normcli summary --list`)."
+    )
+    ws: bool | None = option(  # weight-standardized convolutions; None: the norm's default
+        None, "Weight-standardized convolutions. Default: on for gn, ln, in; off for bn, none."
+    )
+    dropout: float | None = option(None, "Dropout rate (model option). Default: the dataset's (0).")
     num_classes: int | None = None  # size of the head; None: the dataset's class count
 
     def resolve(self) -> ModelArgs:
         """Every default filled in and checked against the dataset, model and norm records."""
+        _check_ranges(self)
         dataset = get_dataset(self.dataset)
         model = self.model or default_model(self.dataset)
         check_model_fits(model, self.dataset)
@@ -84,23 +122,79 @@ class ModelArgs:
 class TrainArgs:
     """How a model was trained; None means the dataset's default for the norm."""
 
-    epochs: int | None = None
-    batch_size: int | None = None  # images per optimizer step
-    lr: float | None = None  # peak learning rate of the one-cycle schedule
-    momentum: float = 0.9  # SGD (Nesterov) momentum
-    weight_decay: float | None = None
-    l1: float = 0.0  # lambda of the L1 term: lambda * sum |w| over trainable parameters
-    seed: int = 1
-    augment: bool = True  # the dataset's batch augmentation
-    limit: int | None = None  # train and test on the first N images only
-    val: int = 0  # hold out N training images (chosen by the seed) as a validation split
-    channels_last: bool | None = None  # None: the norm's layout (contiguous for gn)
-    threads: int | None = None  # CPU threads per process; None: see resolve()
+    epochs: int | None = option(
+        None, "Default: 15 for the 28x28 datasets, 20 for CIFAR.", tag="e", check=_POSITIVE
+    )
+    batch_size: int | None = option(  # images per optimizer step
+        None,
+        "Images per step, over all processes (--nproc). Default: 64 for 28x28; "
+        "32 for CIFAR, 64 with bn.",
+        tag="b",
+        check=_POSITIVE,
+    )
+    lr: float | None = option(  # peak learning rate of the one-cycle schedule
+        None,
+        "Peak one-cycle learning rate. Default: 0.05 for 28x28, 0.1 for CIFAR.",
+        tag="lr",
+        check=_POSITIVE,
+    )
+    momentum: float = option(
+        0.9,
+        "SGD Nesterov momentum, in [0, 1).",
+        tag="m",
+        check=(lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    )
+    weight_decay: float | None = option(
+        None,
+        "SGD weight decay. Default: 0 for 28x28, 5e-5 for CIFAR.",
+        tag="wd",
+        check=_NON_NEGATIVE,
+    )
+    l1: float = option(  # lambda of the L1 term: lambda * sum |w| over trainable parameters
+        0.0, "L1 lambda: adds lambda * sum|w| to the loss.", check=_NON_NEGATIVE
+    )
+    seed: int = option(
+        1,
+        "Seed for init, data order, augmentation and the validation split.",
+        check=(lambda v: 0 <= v <= MAX_SEED, f"in 0..{MAX_SEED}"),
+    )
+    augment: bool = option(True, "The dataset's batch augmentation, on the device.", tag="aug")
+    limit: int | None = option(  # train and test on the first N images only
+        None,
+        "Use only the first N images of each split.",
+        tag="n",
+        check=(lambda v: v is None or v > 0, "a positive number of images"),
+    )
+    val: int = option(
+        0,
+        "Hold out N training images (chosen by the seed) as a validation split.",
+        tag="val",
+        check=(lambda v: v >= 0, "a number of images >= 0"),
+    )
+    channels_last: bool | None = option(  # None: the norm's layout (contiguous for gn)
+        None, "channels_last memory layout for training. Default: on, off for gn.", tag="cl"
+    )
+    threads: int | None = option(  # CPU threads per process; None: see resolve()
+        None,
+        "CPU threads per process. Default: torch's (all cores, or $OMP_NUM_THREADS); "
+        "with several processes, the cores shared out among them; recorded.",
+        tag="t",
+        check=(lambda v: v is None or 1 <= v <= 1024, "in 1..1024"),
+    )
     # Data parallelism: batch_size is the global batch, split evenly over world_size
     # processes (set by the launcher, not by the user); sync_bn normalizes BatchNorm over
-    # the global batch instead of each process's share.
-    world_size: int = 1
-    sync_bn: bool = False
+    # the global batch instead of each process's share. Both were added after checkpoint
+    # format 2 shipped; every file written before them was trained by one process.
+    world_size: int = option(
+        1, tag="np", check=(lambda v: v >= 1, "a positive number of processes"), before=1
+    )
+    sync_bn: bool = option(
+        False,
+        "With several processes: BatchNorm over the global batch, not each process's "
+        "share (bn only).",
+        tag="sync",
+        before=False,
+    )
 
     @property
     def per_process_batch(self) -> int | None:
@@ -123,10 +217,7 @@ class TrainArgs:
     def validate(self, model: ModelArgs | None = None) -> None:
         """Refuse values outside their ranges, naming the parameter; with `model`, also the
         options that depend on it."""
-        for name, (fits, wanted) in _TRAIN_RANGES.items():
-            value = getattr(self, name)
-            if not fits(value):
-                raise NormcliError(f"{name} must be {wanted}, got {value}")
+        _check_ranges(self)
         if self.batch_size % self.world_size:
             raise NormcliError(
                 f"batch_size {self.batch_size} is the global batch and must divide by the "
@@ -144,41 +235,21 @@ def _multiple(n: int, k: int) -> int:
     return max(k, (n + k // 2) // k * k)
 
 
-def default_threads(world_size: int) -> int:
-    """CPU threads per process when not given: torch's count (which honours OMP_NUM_THREADS)
-    for one process; for several, this machine's cores shared out among its processes of the
-    run (the launcher's LOCAL_WORLD_SIZE when set, as torchrun sets it, else `world_size`),
-    not torchrun's default OMP_NUM_THREADS=1."""
-    if world_size == 1:
-        return torch.get_num_threads()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(local, 1))
+def _check_ranges(record: Any) -> None:
+    """Refuse a field of a run record whose value is outside its range, naming the field."""
+    for f in dataclasses.fields(record):
+        if f.metadata.get("check"):
+            fits, wanted = f.metadata["check"]
+            value = getattr(record, f.name)
+            if not fits(value):
+                raise NormcliError(f"{f.name} must be {wanted}, got {value}")
 
 
-def _finite(value: Any) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-# Training option -> (does the value fit, what it must be). None passes where it means "off".
-_TRAIN_RANGES: dict[str, tuple[Any, str]] = {
-    "epochs": (lambda v: _finite(v) and v > 0, "positive"),
-    "batch_size": (lambda v: _finite(v) and v > 0, "positive"),
-    "lr": (lambda v: _finite(v) and v > 0, "positive"),
-    "l1": (lambda v: _finite(v) and v >= 0, "a non-negative number"),
-    "weight_decay": (lambda v: _finite(v) and v >= 0, "a non-negative number"),
-    "momentum": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
-    "seed": (lambda v: 0 <= v <= MAX_SEED, f"in 0..{MAX_SEED}"),
-    "limit": (lambda v: v is None or v > 0, "a positive number of images"),
-    "val": (lambda v: v >= 0, "a number of images >= 0"),
-    "threads": (lambda v: v is None or 1 <= v <= 1024, "in 1..1024"),
-    "world_size": (lambda v: v >= 1, "a positive number of processes"),
-}
-
-# TrainArgs fields added after checkpoint format 2 shipped, with the value that a file written
-# before them means (every such file was trained by one process, BatchNorm unsynchronized).
-# Readers fill them in before validating: the validator wants every field present.
-ADDED_TRAIN_FIELDS: dict[str, Any] = {"world_size": 1, "sync_bn": False}
+def with_added_fields(record: type, values: dict[str, Any]) -> dict[str, Any]:
+    """A stored record's `values`, with the fields added since it was written (their
+    `before` value) filled in: the validator wants every field present."""
+    fields = dataclasses.fields(record)
+    return {**{f.name: f.metadata["before"] for f in fields if "before" in f.metadata}, **values}
 
 
 @dataclass(frozen=True)
@@ -238,16 +309,13 @@ class RunSpec:
     def _recipe_changes(self) -> dict[str, Any]:
         """Short tag -> value for every training option that differs from its default."""
         defaults = dataclasses.replace(
-            TrainArgs().resolve(self.model), threads=default_threads(self.train.world_size)
+            type(self.train)().resolve(self.model),
+            threads=default_threads(self.train.world_size),
         )
-        tags = {"epochs": "e", "batch_size": "b", "lr": "lr", "momentum": "m",
-                "weight_decay": "wd", "augment": "aug", "limit": "n", "val": "val",
-                "channels_last": "cl", "threads": "t", "world_size": "np",
-                "sync_bn": "sync"}  # fmt: skip
         return {
-            tag: getattr(self.train, name)
-            for name, tag in tags.items()
-            if getattr(self.train, name) != getattr(defaults, name)
+            f.metadata["tag"]: getattr(self.train, f.name)
+            for f in dataclasses.fields(self.train)
+            if f.metadata.get("tag") and getattr(self.train, f.name) != getattr(defaults, f.name)
         }
 
 
@@ -264,90 +332,3 @@ RUN_OPTIONS: dict[str, type] = {
     **{f.name: ModelArgs for f in dataclasses.fields(ModelArgs)},
     **{f.name: TrainArgs for f in dataclasses.fields(TrainArgs)},
 }
-
-
-# ---------------------------------------------------------------------------
-# The one validator: JSON values against dataclass / TypedDict type hints
-# ---------------------------------------------------------------------------
-
-
-def check_type(value: Any, hint: Any) -> str | None:
-    """None when `value` (decoded JSON) fits type `hint`, else what is wrong with it.
-
-    Understands the hints normcli's records use: bool, int, float (an int is accepted),
-    str, None, X | Y, list[X], tuple[X, ...], dict[str, X], dataclasses and TypedDicts
-    (as JSON objects). Numbers must be finite: JSON from a checkpoint must not smuggle in NaN.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        problems = [check_type(value, arg) for arg in args]
-        return None if None in problems else next(p for p in problems if p)
-    if origin in (list, tuple):
-        return _check_items(value, args[0] if args else Any)
-    if origin is dict:
-        if not isinstance(value, dict):
-            return "expected an object"
-        return _check_items(list(value.values()), args[1] if args else Any)
-    if dataclasses.is_dataclass(hint) or typing.is_typeddict(hint):
-        return _check_fields(value, hint)
-    if hint not in _SCALARS:
-        raise TypeError(f"check_type does not understand {hint!r}")  # a programming error
-    return _SCALARS[hint](value)
-
-
-def _check_number(value: Any, kind: type) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"expected a number, got {type(value).__name__}"
-    if kind is int and not isinstance(value, int):
-        return "expected an integer"
-    return None if math.isfinite(value) else f"{value} is not a finite number"
-
-
-_SCALARS: dict[Any, Any] = {
-    bool: lambda v: None if isinstance(v, bool) else "expected true or false",
-    int: lambda v: _check_number(v, int),
-    float: lambda v: _check_number(v, float),
-    str: lambda v: None if isinstance(v, str) else "expected a string",
-    type(None): lambda v: None if v is None else "expected null",
-    Any: lambda v: None,
-}
-
-
-def _check_items(value: Any, item: Any) -> str | None:
-    if not isinstance(value, list):
-        return "expected a list"
-    for i, v in enumerate(value):
-        problem = check_type(v, item)
-        if problem:
-            return f"item {i}, {problem}"
-    return None
-
-
-def _check_fields(value: Any, cls: Any) -> str | None:
-    if not isinstance(value, dict):
-        return "expected an object"
-    hints = typing.get_type_hints(cls)
-    # A stored record holds every field, defaults included: a file says what it meant.
-    required = set(hints) if dataclasses.is_dataclass(cls) else set(cls.__required_keys__)
-    for name in sorted(required - set(value)):
-        return f"{name!r} missing"
-    for name in value:
-        if name not in hints:
-            return f"unknown field {name!r}"
-        problem = check_type(value[name], hints[name])
-        if problem:
-            return f"{name!r} has the wrong type ({problem})"
-    return None
-
-
-def from_json(cls: type[Any], value: Any, what: str) -> Any:
-    """Build dataclass `cls` from a decoded JSON object, after checking every field's type
-    against its hint; NormcliError names `what` and the first problem."""
-    problem = check_type(value, cls)
-    if problem:
-        raise NormcliError(f"{what}: {problem}")
-    hints = typing.get_type_hints(cls)
-    # JSON has no tuples; the records' tuple fields are rebuilt from lists.
-    return cls(**{
-        k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in value.items()
-    })  # fmt: skip

@@ -1,203 +1,23 @@
-"""The process entry point of `normcli` and `python -m normcli`.
+"""The process entry point of `normcli` and `python -m normcli`; nothing imports it.
 
-Kept tiny on purpose: it sets up signals and the standard streams, then imports the
-CLI (torch, typer: seconds), so that an interrupt at any moment ends the same way.
-
-- Ctrl-C (SIGINT) and SIGTERM (what `kill` and Slurm send) raise KeyboardInterrupt in the
-  main thread, so the same cleanup runs for both (temporary files removed, training's
-  resume hint); the exit code is 130 for SIGINT and 143 for SIGTERM, after one line on
-  stderr, never a traceback, even during the imports. Once the command is over (its output
-  written, its cleanup done), they end the process silently, as their default action does.
-- stdout and stderr never fail on a character the locale cannot encode (a latin-1 or
-  ASCII terminal): stderr escapes it, stdout writes '?' (paths that are not valid UTF-8
-  keep their original bytes).
-- stdout's write failures are raised as StdoutError: a closed stdout (`normcli ... >&-`)
-  or a full one (`> /dev/full`) is one error line and exit code 1 (`cli.main`); a
-  reader that goes away (`normcli ... | head -1`) ends the run quietly with exit code
-  141, as a shell tool killed by SIGPIPE would.
+Kept tiny on purpose: it sets up signals, the standard streams and the OpenMP policy
+(normcli.runtime), then imports the CLI (torch, typer: seconds), so that an interrupt at
+any moment ends the same way.
 """
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import errno
-import io
-import os
-import signal
 import sys
-from types import FrameType
 
-INTERRUPTED = 130  # 128 + SIGINT
-TERMINATED = 128 + signal.SIGTERM  # 143
-BROKEN_PIPE = 128 + signal.SIGPIPE  # 141
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill`, Slurm, a launcher
-STDOUT_ERRORS = "normcli.stdout"
-SPIN_COUNT = "1000"  # OpenMP idle spin before sleeping: see configure_threads
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as an interrupt so that every Ctrl-C cleanup path runs for it too."""
-
-
-_terminated = False
-
-
-def interrupt_exit_code() -> int:
-    """130 for Ctrl-C, 143 once SIGTERM has been received."""
-    return TERMINATED if _terminated else INTERRUPTED
-
-
-def interrupt_message() -> str:
-    """The error line's text for an interrupt."""
-    return "interrupted (SIGTERM)" if _terminated else "interrupted"
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    global _terminated
-    if _terminated:  # a second SIGTERM while cleaning up: let the cleanup finish
-        return
-    _terminated = True
-    raise Terminated
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM raises Terminated; SIGINT keeps Python's KeyboardInterrupt."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def exit_on_signals() -> None:
-    """From here on SIGINT and SIGTERM end the process at once, as their default action
-    does (exit status 130 / 143 to a shell), with nothing printed: the command's work and
-    cleanup are over, and an exception raised in the interpreter's shutdown (torch's
-    finalizers) would only print a traceback. A signal that is ignored stays ignored."""
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def _replace_keeping_bytes(error: UnicodeError) -> tuple[str | bytes, int]:
-    """Encode errors on stdout: surrogate-escaped bytes (from file names) go out as they
-    came in; any other character the encoding lacks becomes '?'."""
-    if isinstance(error, UnicodeEncodeError):
-        bad = error.object[error.start : error.end]
-        if all(0xDC80 <= ord(c) <= 0xDCFF for c in bad):
-            return codecs.lookup_error("surrogateescape")(error)
-        return codecs.lookup_error("replace")(error)
-    raise error
-
-
-class StdoutError(Exception):
-    """Writing to stdout failed (closed, full, reader gone); `error` says how.
-
-    Not an OSError, so that nothing on the way up (Click handles EPIPE its own way)
-    mistakes it for a problem with the command's own files.
-    """
-
-    def __init__(self, error: OSError | ValueError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class GuardedStdout(io.TextIOBase):
-    """stdout, with its write failures raised as StdoutError."""
-
-    def __init__(self, stream: io.TextIOBase) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except (OSError, ValueError) as e:
-            raise StdoutError(e) from e
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except (OSError, ValueError) as e:
-            raise StdoutError(e) from e
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return self.stream.encoding
-
-    @property
-    def errors(self) -> str | None:  # type: ignore[override]
-        return self.stream.errors
-
-    @property
-    def buffer(self) -> io.BufferedIOBase:  # type: ignore[override]
-        return self.stream.buffer  # type: ignore[attr-defined]
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:  # the interpreter closes the real stream; never flush from __del__
-        pass
-
-
-class ClosedStream(io.TextIOBase):
-    """Stands for a standard stream that was closed when the process started."""
-
-    encoding = "utf-8"  # type: ignore[assignment]
-
-    def write(self, text: str) -> int:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    def flush(self) -> None:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    def close(self) -> None:  # never flush (and fail) from __del__
-        pass
-
-
-def configure_streams() -> None:
-    """Make stdout and stderr safe to print anything to; see the module docstring."""
-    codecs.register_error(STDOUT_ERRORS, _replace_keeping_bytes)
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(errors=STDOUT_ERRORS)
-    # Started with fd 1 closed, Python sets sys.stdout to None and print() drops everything.
-    sys.stdout = GuardedStdout(sys.stdout if sys.stdout is not None else ClosedStream())
-    if sys.stderr is None:  # nowhere to report to: keep quiet rather than fail
-        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
-    elif isinstance(sys.stderr, io.TextIOWrapper):
-        sys.stderr.reconfigure(errors="backslashreplace")
-
-
-def release_stdout() -> None:
-    """After stdout failed, point fd 1 at /dev/null: the interpreter's own flush at exit
-    would otherwise fail again and print 'Exception ignored' lines."""
-    stream = getattr(sys.stdout, "stream", sys.stdout)
-    if stream is None:
-        return
-    try:
-        stream.flush()
-    except (OSError, ValueError):
-        with contextlib.suppress(OSError, ValueError):  # ClosedStream: no descriptor
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-        sys.stdout = None  # type: ignore[assignment]
-
-
-def configure_threads() -> None:
-    """Idle OpenMP threads spin briefly, then sleep: GOMP_SPINCOUNT=1000 (libgomp, what
-    torch's Linux wheels use; libgomp's own default is 300,000 spins, PASSIVE is 0), unless
-    the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT.
-
-    Must run before torch loads its OpenMP runtime, which reads them once. Long spinning
-    starves other processes on the same cores (two 2-thread MNIST trainings at once on 2
-    cores: 71-157 img/s each, against about 2,600 without spinning); no spinning makes one
-    MNIST training alone slower on 2 threads than on 1 (2,749 against 3,612 img/s), as its
-    threads sleep and wake between small kernels. A short spin keeps most of both:
-    bench/results/threads_per_run.md."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+from normcli.runtime import (
+    configure_streams,
+    configure_threads,
+    exit_on_signals,
+    install_signal_handlers,
+    interrupt_exit_code,
+    interrupt_message,
+    release_stdout,
+)
 
 
 def run() -> None:

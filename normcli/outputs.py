@@ -1,11 +1,11 @@
-"""Where output files go, and the rules every command that writes figures follows.
+"""Where output files go (`--out`), for every command that writes files.
 
 - No `--out`: the default paths. An existing folder, a path ending in `/`, or an `--out` for
   several files is a folder: the default names go inside it, and a missing folder is created
   (with its parents) only when the outputs are claimed, after every check has passed.
-- Otherwise `--out` names one file, whose extension picks the format: png, svg or pdf in
-  any case (`x.PNG` is written as PNG under that name); any other extension, or none, is
-  refused before any work.
+- Otherwise `--out` names one file. For a figure its extension picks the format: png, svg or
+  pdf in any case (`x.PNG` is written as PNG under that name); any other extension, or none,
+  is refused before any work. A checkpoint (`checkpoint_path`) may take any name.
 - An existing file is refused unless `overwrite`; anything but a regular file always is.
 """
 
@@ -17,13 +17,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normcli.checkpoint import (
+from normcli.errors import NormcliError
+from normcli.files import (
     check_folder_writable,
     check_replaceable,
     check_writable,
     exclusive_output,
 )
-from normcli.errors import NormcliError
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -85,14 +85,13 @@ def plan_outputs(
     if out is None:
         paths = list(defaults)
     else:
-        text = os.fspath(out)
-        folder = Path(text)
-        if folder.is_dir() or text.endswith(("/", os.sep)) or len(defaults) > 1:
+        folder = Path(out)
+        if _names_folder(out) or len(defaults) > 1:
             missing = _missing_folders(folder, option, len(defaults))
             paths = [folder / d.name for d in defaults]
         else:
             if image_format(folder) is None:
-                raise NormcliError(_format_problem(option, text, folder))
+                raise NormcliError(_format_problem(option, os.fspath(out), folder))
             paths = [folder]
     for path in paths:
         if paths.count(path) > 1:
@@ -102,6 +101,37 @@ def plan_outputs(
             _check_target(path, overwrite)
             check_writable(path)
     return OutputPlan(paths, overwrite, missing)
+
+
+def _names_folder(out: str | os.PathLike[str]) -> bool:
+    """Whether `--out` names a folder: one that exists, or a path ending in '/'."""
+    return os.fspath(out).endswith(("/", os.sep)) or Path(out).is_dir()
+
+
+def checkpoint_path(
+    default: Path,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    resuming: bool = False,
+) -> Path:
+    """Where `train` writes a checkpoint whose default path is `default`, checked before any
+    work: `out`, or the default name inside folder `out`, or `default`. An existing folder
+    must be writable (a missing one is made after the data loads), and a file there is
+    replaced only with `overwrite` (or continued, when `resuming`)."""
+    if out is None:
+        path = default
+    elif _names_folder(out):
+        path = Path(out) / default.name
+    else:
+        path = Path(out)
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == Path())
+    if existing.exists() and not existing.is_dir():
+        raise NormcliError(f"{path}: {existing} is not a folder")
+    if path.parent.is_dir():
+        check_writable(path)
+    if not resuming and path.exists() and not overwrite:
+        raise NormcliError(f"{path} exists; pass --overwrite to replace it, or --out elsewhere")
+    return path
 
 
 def _check_target(path: Path, overwrite: bool) -> None:

@@ -16,15 +16,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from normcli.checkpoint import (
-    FINAL_METRICS,
-    HISTORY_KEYS,
-    Checkpoint,
-    CheckpointMeta,
-    atomic_write,
-)
+from normcli.checkpoint import FINAL_METRICS, HISTORY_KEYS, Checkpoint, CheckpointMeta
 from normcli.data import Split, denormalize, get_dataset, normalize
 from normcli.evaluate import EVAL_BATCH_SIZE, Mistake, find_misclassified, predict
+from normcli.files import atomic_write
 
 _SPLITS = {"train": "Train", "test": "Test", "val": "Validation"}
 

@@ -279,3 +279,83 @@ def test_bad_checkpoint_files_exit_2(cli, tmp_path):
             assert result.exit_code == 2, (command, result.stderr)
             assert words in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- one declaration per run option ------------------------------------------------------------
+
+
+def test_a_run_option_is_one_dataclass_field(tmp_path: Path) -> None:
+    """A field with metadata is a whole run option: its flag and help in `train` (switch or
+    typed) and `sweep` (a list), its tag in the default name, its range, its old value."""
+    import dataclasses
+    import typing
+
+    from normcli.cli.options import run_option_parameters
+    from normcli.config import ModelArgs, RunSpec, TrainArgs, option, with_added_fields
+    from normcli.errors import NormcliError
+
+    @dataclasses.dataclass(frozen=True)
+    class Extra(TrainArgs):
+        warmup: float = option(
+            0.25, "Warm-up share.", tag="wu", check=(lambda v: 0 <= v < 1, "in [0, 1)"),
+            before=0.0,
+        )  # fmt: skip
+
+    records = (ModelArgs, Extra)
+    for as_lists, kind in ((False, float), (True, str | None)):
+        params = {p.name: p for p in run_option_parameters(as_lists, records)}
+        option_type, info = typing.get_args(params["warmup"].annotation)
+        assert (option_type, info.help) == (kind, "Warm-up share.")
+        assert "--warmup" in (info.default, *info.param_decls)  # Annotated: decls come first
+        assert params["warmup"].default == (None if as_lists else 0.25)
+    assert "warmup" not in {p.name for p in run_option_parameters()}  # TrainArgs is untouched
+    model = ModelArgs().resolve()
+    assert Extra().resolve(model).warmup == 0.25
+    changed = RunSpec(model, Extra(warmup=0.5).resolve(model)).default_path().name
+    assert changed == "mnist_mnist_net_bn_wu0.5_s1.safetensors"
+    unchanged = RunSpec(model, Extra().resolve(model)).default_path().name
+    assert unchanged == "mnist_mnist_net_bn_s1.safetensors"
+    with pytest.raises(NormcliError, match=r"^warmup must be in \[0, 1\), got 2$"):
+        Extra(warmup=2).resolve(model)
+    assert with_added_fields(Extra, {"seed": 3})["warmup"] == 0.0
+    assert with_added_fields(Extra, {"warmup": 0.5})["warmup"] == 0.5
+
+
+def test_adding_a_field_to_train_args_needs_no_other_edit(tmp_path: Path) -> None:
+    """A copy of the package whose TrainArgs has one more field (and no other change) shows
+    it in `train --help`, `sweep --help` and the default checkpoint name."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import normcli
+
+    copy = tmp_path / "normcli"
+    shutil.copytree(Path(normcli.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    config = copy / "config.py"
+    anchor = "    @property\n    def per_process_batch"
+    field = '    warmup: float = option(0.25, "Warm-up share of the schedule.", tag="wu")\n\n'
+    assert config.read_text().count(anchor) == 1
+    config.write_text(config.read_text().replace(anchor, field + anchor))
+    script = (
+        "import normcli, sys\n"
+        "from normcli.cli import main\n"
+        "from normcli.config import RunSpec\n"
+        "print(normcli.__file__)\n"
+        "for command in ('train', 'sweep'):\n"
+        "    assert main([command, '--help']) == 0\n"
+        "print(RunSpec.from_options(warmup=0.5, epochs=2).resolve().default_path())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(copy / "__init__.py")
+    helps = [line for line in lines if "--warmup" in line]
+    assert len(helps) == 2 and all("Warm-up share of the schedule." in h for h in helps), helps
+    assert "<float>" in helps[0] and "default: 0.25" in helps[0]  # train: a number
+    assert "<str>" in helps[1] and "default" not in helps[1]  # sweep: a comma list
+    assert lines[-1] == "checkpoints/mnist_mnist_net_bn_e2_wu0.5_s1.safetensors"

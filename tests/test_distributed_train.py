@@ -36,7 +36,8 @@ from normcli.checkpoint import load_checkpoint, read_file, read_metadata, save_c
 from normcli.config import RunSpec
 from normcli.data import Part, batches, get_dataset, synthetic_split, write_synthetic
 from normcli.errors import NormcliError
-from normcli.train import checkpoint_meta, new_run, train, train_epoch
+from normcli.run import checkpoint_meta, new_run
+from normcli.train import train, train_epoch
 
 WORLD = 2
 IMAGES, BATCH = 69, 16  # 5 steps; the last batch of 5 splits 3 + 2 (unequal shares)

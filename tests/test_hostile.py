@@ -26,14 +26,9 @@ from safetensors.torch import save_file
 
 import normcli
 from normcli import checkpoint, plots
-from normcli.checkpoint import (
-    atomic_write,
-    check_writable,
-    exclusive_output,
-    read_file,
-    save_checkpoint,
-)
+from normcli.checkpoint import read_file, save_checkpoint
 from normcli.errors import NormcliError
+from normcli.files import atomic_write, check_writable, exclusive_output
 from normcli.outputs import plan_outputs
 
 PNG, PDF, SVG = b"\x89PNG", b"%PDF", b"<?xml"
@@ -487,12 +482,19 @@ def test_a_failed_worker_stopped_by_its_launcher_while_exiting_stays_quiet(sig, 
 
 
 def test_both_entry_points_are_the_small_module() -> None:
+    """The entry point and the one module it imports first load nothing heavy (torch,
+    typer, the CLI) before the signal handlers are in place."""
     root = Path(normcli.__file__).parents[1]
     assert 'normcli = "normcli.entry:run"' in (root / "pyproject.toml").read_text()
     assert "from normcli.entry import run" in (root / "normcli" / "__main__.py").read_text()
-    entry = (root / "normcli" / "entry.py").read_text()
-    heavy = [line for line in entry.splitlines() if line.startswith(("import ", "from "))]
-    assert not any("torch" in line or "typer" in line or "normcli.cli" in line for line in heavy)
+    for module in ("entry.py", "runtime.py", "errors.py"):
+        text = (root / "normcli" / module).read_text()
+        heavy = [line for line in text.splitlines() if line.startswith(("import ", "from "))]
+        assert not any("torch" in line or "typer" in line or "normcli.cli" in line
+                       for line in heavy), module  # fmt: skip
+    imported = {line.split()[1] for line in (root / "normcli" / "entry.py").read_text().splitlines()
+                if line.startswith(("import ", "from "))}  # fmt: skip
+    assert imported <= {"__future__", "sys", "normcli.runtime"}
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def test_ctrl_c_right_after_a_checkpoint_is_written_counts_that_epoch(
 ) -> None:
     """Ctrl-C landing just after the file is renamed into place, before the run notes that the
     epoch is saved: the message must agree with the file (a race CI once hit, made certain)."""
-    module = importlib.import_module("normcli.train")  # `normcli.train` is the function
+    module = importlib.import_module("normcli.run")
     real_save = module.save_checkpoint
     calls = []
 

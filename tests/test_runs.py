@@ -162,10 +162,10 @@ def test_history_export_one_row_per_run_and_epoch(cli, tiny_checkpoints) -> None
 
 
 def test_json_output_never_holds_nan() -> None:
-    from normcli.cli import _finite
+    from normcli.cli.printing import finite
 
     doc = {"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": "x"}
-    text = json.dumps(_finite(doc), allow_nan=False)
+    text = json.dumps(finite(doc), allow_nan=False)
     assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}, "d": "x"}
     assert not any(math.isnan(v) for v in [1.0])
 

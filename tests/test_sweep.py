@@ -20,9 +20,10 @@ from normcli.checkpoint import read_file, read_metadata
 from normcli.config import RunSpec
 from normcli.data import Split, load_split, write_synthetic
 from normcli.plots import study_figure
+from normcli.run import hold_out, new_run, save_run
 from normcli.study import aggregate, checkpoint_records
 from normcli.sweep import expand_grid, run_points, train_point
-from normcli.train import hold_out, new_run, run_epoch, save_run, train
+from normcli.train import run_epoch, train
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -10,13 +10,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from normcli.data.records import Dataset
+
+
+class ChannelStats(Protocol):
+    """What normalizing needs of a dataset record (`Dataset` has it): per-channel mean and
+    std. A protocol, so that this module does not import the records, which import it."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Split:
 # ---------------------------------------------------------------------------
 
 
-def normalize(images: torch.Tensor, spec: Dataset) -> torch.Tensor:
+def normalize(images: torch.Tensor, spec: ChannelStats) -> torch.Tensor:
     """uint8 or [0, 1] float images -> float32 normalized with the dataset's mean/std."""
     x = images.float()
     if images.dtype == torch.uint8:
@@ -58,7 +64,7 @@ def normalize(images: torch.Tensor, spec: Dataset) -> torch.Tensor:
     return (x - mean) / std
 
 
-def denormalize(x: torch.Tensor, spec: Dataset) -> torch.Tensor:
+def denormalize(x: torch.Tensor, spec: ChannelStats) -> torch.Tensor:
     """Undo `normalize`: back to [0, 1] pixel values."""
     mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
@@ -171,7 +177,7 @@ class Augment:
 
 def batches(
     split: Split,
-    spec: Dataset,
+    spec: ChannelStats,
     batch_size: int,
     *,
     shuffle: bool = False,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from normcli.entry import STOP_SIGNALS
+from normcli.runtime import INTERRUPTED, STOP_SIGNALS
 from normcli.errors import NormcliError
 from normcli.parallel.group import is_main_process, launched, rank
 
@@ -92,7 +92,7 @@ def _record_failure(error: BaseException) -> int:
     if isinstance(error, NormcliError):
         code, message, kind = error.exit_code, str(error), "user"
     elif isinstance(error, KeyboardInterrupt):
-        code, message, kind = 130, "interrupted", "secondary"
+        code, message, kind = INTERRUPTED, "interrupted", "secondary"
     elif isinstance(error, SystemExit):
         code = error.code if isinstance(error.code, int) else 1
         message, kind = f"exit {error.code}", "internal"
@@ -101,7 +101,7 @@ def _record_failure(error: BaseException) -> int:
         message = f"internal error: {type(error).__name__}: {error}"
     message = (message.strip().splitlines() or [type(error).__name__])[0]
     gone = isinstance(error, dist.DistError) or bool(_PEER_GONE.search(str(error)))
-    if _interrupted or code == 130 or (kind == "internal" and gone):
+    if _interrupted or code == INTERRUPTED or (kind == "internal" and gone):
         kind = "secondary"
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from normcli.errors import NormcliError
+from normcli.runtime import INTERRUPTED
 from normcli.parallel.failures import LAUNCHER_ENV, read_records
 
 
@@ -53,8 +54,8 @@ def launch(args: Sequence[str], nproc: int, *, threads: int) -> None:
             raise _failure_line(e.failures, read_records(logs)) from None
         except SignalException:  # Ctrl-C or SIGTERM to this process: the agent stopped all
             rec = read_records(logs).get(0)
-            message = rec["message"] if rec and rec["exit_code"] == 130 else "interrupted"
-            raise NormcliError(message, exit_code=130) from None
+            message = rec["message"] if rec and rec["exit_code"] == INTERRUPTED else "interrupted"
+            raise NormcliError(message, exit_code=INTERRUPTED) from None
 
 
 @contextmanager

@@ -106,7 +106,7 @@ def save_payload(path: str | os.PathLike, payload: bytes) -> bool:
     with contextlib.suppress(OSError):
         if path.stat().st_size == len(payload) and path.read_bytes() == payload:
             return False
-    from normcli.checkpoint import atomic_write
+    from normcli.files import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
     return True

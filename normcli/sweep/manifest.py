@@ -94,7 +94,7 @@ def _as_json(value: Any, what: str) -> Any:
 
 def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     """Write FOLDER/manifest.json atomically: a temp file in the same folder, then os.replace."""
-    from normcli.checkpoint import atomic_write  # the one atomic writer
+    from normcli.files import atomic_write  # the one atomic writer
 
     path = Path(folder) / MANIFEST_NAME
     text = json.dumps(manifest, indent=1) + "\n"  # serialize first: a failure writes nothing
@@ -143,7 +143,7 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
 def _manifest_problem(data: Any) -> str | None:
     """What is wrong with a parsed manifest, or None: its format, then the types (the one
     validator), then the values."""
-    from normcli.config import check_type  # imports torch: only when a manifest is read
+    from normcli.schema import check_type
 
     if not isinstance(data, dict):
         return "not a JSON object"
