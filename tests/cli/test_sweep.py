@@ -25,7 +25,7 @@ from normcli.sweep import aggregate, checkpoint_records, expand_grid, run_points
 from normcli.train import hold_out, new_run, run_epoch, save_run, train
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
 TINY = ("--epochs", "2", "--batch-size", "50", "--device", "cpu")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_bench import run_script as run_bench_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(name: str, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:

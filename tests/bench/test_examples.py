@@ -13,7 +13,7 @@ import torch
 
 from normcli.checkpoint import load_checkpoint, read_metadata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_compare_norms_script(tiny_data, tmp_path):
