@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Threads and OpenMP wait policy for `normcli train`: one run's epoch speed on 1 thread and on
-# all cores, alone, beside another 1-thread training (someone else's job), and two all-core
-# runs at once, under each wait policy (what an idle OpenMP thread does between parallel
-# regions: libgomp spins GOMP_SPINCOUNT times, then sleeps; PASSIVE = 0 spins, unset =
-# 300,000). The variants alternate round by round. This is the measurement behind
-# normcli's OpenMP default (normcli.entry.configure_threads) and its thread count for one run.
-# Prints a Markdown table of training img/s; run on a quiet machine.
+# all cores, alone, beside another 1-thread training, and two all-core runs at once, under each
+# wait policy (libgomp spins GOMP_SPINCOUNT times, then sleeps; PASSIVE = 0, unset = 300,000),
+# the variants alternated round by round: the measurement behind normcli's OpenMP default
+# (normcli.entry.configure_threads). Prints a Markdown report; run it on a quiet machine.
 #
 #   bench/threads_per_run.sh [DATA_DIR] [ROUNDS] [DATASETS] > bench/results/threads_per_run.md
 set -euo pipefail
@@ -29,7 +27,7 @@ speed() {  # speed DATASET THREADS ENV NAME: one $limit-image epoch; prints its 
 
 echo "# Threads and OpenMP wait policy for one training on $cores cores"
 echo
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $cores cores; $(date -u +%FT%TZ);"
+echo "Measured $(date -u '+%F %H:%M UTC') on $(python3 "$(dirname "$0")/machine.py")."
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg). Command: \`bench/threads_per_run.sh $*\`."
 echo "Each run: \`normcli train --dataset D --limit $limit --epochs 1 --threads T\` (BN, the"
 echo "dataset's default model and batch size), training img/s of each run, one number per round."

@@ -18,7 +18,7 @@ dataset=mnist
 if [[ $# -gt 0 && $1 != --* ]]; then dataset=$1; shift; fi
 nproc=2
 batches="2 4 8 16 32"  # images per process per step
-out=bench/results/per_device_batch_$dataset
+out=runs/per_device_batch_$dataset  # like every example: bench/results is written on purpose only
 data_opts=()   # where the data is and what runs it: every command
 train_opts=()  # --epochs, --limit: training only
 while [[ $# -gt 0 ]]; do

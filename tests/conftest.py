@@ -18,6 +18,17 @@ from normcli.data import write_synthetic
 TINY_TRAIN = 200
 TINY_TEST = 100
 
+# Any download attempt fails at once (connection refused), never reaches the network.
+OFFLINE = {
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": None,
+    "NO_PROXY": None,
+    "NORMCLI_DATA": None,
+}
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -91,12 +102,13 @@ def captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 @pytest.fixture(scope="module")
-def workers_import_the_tests() -> Iterator[None]:
-    """Ray workers inherit the environment of whoever starts Ray: let them import the tests."""
+def workers_import_the_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Ray workers inherit the environment of whoever starts Ray: let them import the tests
+    (conftest and the requesting module, which lives in a subfolder)."""
     here = Path(__file__).resolve().parent
     with pytest.MonkeyPatch.context() as mp:
         path = os.environ.get("PYTHONPATH", "")
-        parts = (str(here), str(here.parent), path)
+        parts = (str(request.path.parent), str(here), str(here.parent), path)
         mp.setenv("PYTHONPATH", os.pathsep.join(p for p in parts if p))
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         yield

@@ -22,20 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFLINE
 from safetensors.torch import save_file
 
 from normcli.checkpoint import read_file
-
-# Any download attempt fails at once (connection refused), never reaches the network.
-OFFLINE = {
-    "http_proxy": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "no_proxy": None,
-    "NO_PROXY": None,
-    "NORMCLI_DATA": None,
-}
 
 
 @dataclass

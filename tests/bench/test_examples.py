@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import REPO
 
 from normcli.checkpoint import load_checkpoint, read_metadata
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_compare_norms_script(tiny_data, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_robustness import OFFLINE
+from conftest import OFFLINE
 
 from normcli import data
 from normcli.checkpoint import load_checkpoint

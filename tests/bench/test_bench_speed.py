@@ -1,5 +1,5 @@
-"""bench/time_to_accuracy.py and bench/levers.py run end to end on tiny generated data
-(--quick); no timing is asserted."""
+"""bench/time_to_accuracy.py, levers.py, choose_defaults.py and sweep_packing.py run end to
+end on tiny generated data (--quick); no timing is asserted."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_bench import run_script as run_bench_script
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_scripts import assert_names_the_machine
+from bench_scripts import run_script as run_bench_script
 
 
 def run_script(name: str, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -43,9 +42,7 @@ def test_quick_study_runs_the_three_trainings_and_checks_them(study_report) -> N
 
 def test_quick_study_page_names_machine_command_and_load(study_report) -> None:
     report, page = study_report
-    assert report["machine"]["lscpu_model_name"] in page
-    assert "AVX-512" in page
-    assert report["command"] in page
+    assert_names_the_machine(report, page)
     assert len(report["studies"][0]["load_average_before"]) == 3
     assert "not a measurement" in page
 
@@ -72,20 +69,26 @@ def test_quick_levers_report_each_lever(tmp_path: Path) -> None:
         "--json", tmp_path / "levers.json", "--markdown", page,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    levers = json.loads((tmp_path / "levers.json").read_text())["levers"]
+    report = json.loads((tmp_path / "levers.json").read_text())
+    levers = report["levers"]
+    assert set(levers) == {"augment", "peak"}
     assert set(levers["augment"]["rows"]) >= {"none", "translate (crop, whole pixels)"}
     assert levers["peak"]["flops_per_training_image"] > 1e6
     assert "### Augmentation" in page.read_text()
+    assert_names_the_machine(report, page.read_text())
+    bad = run_script("levers.py", "--quick", "--lever", "speed")
+    assert bad.returncode == 2 and "'--lever'" in bad.stderr
 
 
-def test_choose_defaults_trains_on_a_held_out_split_and_judges_it(tmp_path: Path) -> None:
-    """bench/choose_defaults.py: the runs hold out --val images, the summary reads the
-    validation accuracies from the stored histories, and one seed can reject but not accept."""
+@pytest.fixture(scope="module")
+def val_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[float]]]:
+    """bench/choose_defaults.py train on tiny data, BN and LN, one seed: (the folder, each
+    norm's validation accuracies as stored)."""
     from normcli.checkpoint import read_metadata
     from normcli.data import write_synthetic
 
-    root = write_synthetic("mnist", tmp_path / "data", 256, 64)
-    out = tmp_path / "runs" / "e3"
+    tmp = tmp_path_factory.mktemp("val")
+    root, out = write_synthetic("mnist", tmp / "data", 256, 64), tmp / "runs" / "e3"
     args = ["--epochs", "3", "--seeds", "1", "--norms", "bn,ln", "--val", "64", "--jobs", "2"]
     result = run_script("choose_defaults.py", "train", "--out", out, *args, "--data-dir", root)
     assert result.returncode == 0, result.stderr
@@ -97,14 +100,23 @@ def test_choose_defaults_trains_on_a_held_out_split_and_judges_it(tmp_path: Path
         assert meta.train_args.val == 64 and meta.train_args.threads == 1
         assert meta.train_args.l1 == (1e-4 if meta.model_args.norm == "bn" else 0.0)
         histories[meta.model_args.norm] = [row["val_accuracy"] for row in meta.history]
-    stamp = {p: p.stat().st_mtime_ns for p in paths}
+    stamp = {p: p.stat().st_mtime_ns for p in paths}  # a second train keeps finished runs
     again = run_script("choose_defaults.py", "train", "--out", out, *args, "--data-dir", root)
     assert again.returncode == 0 and {p: p.stat().st_mtime_ns for p in paths} == stamp
+    return out, histories
 
-    summary = tmp_path / "val.json"
-    result = run_script("choose_defaults.py", "summarize", out, "--json", summary)
+
+def test_choose_defaults_judges_the_held_out_split(val_runs, tmp_path: Path) -> None:
+    """The summary reads the validation accuracies from the stored histories, and one seed
+    can reject but not accept."""
+    out, histories = val_runs
+    summary, page = tmp_path / "val.json", tmp_path / "val.md"
+    result = run_script(
+        "choose_defaults.py", "summarize", out, "--json", summary, "--markdown", page
+    )
     assert result.returncode == 0, result.stderr
-    rows = {r["norm"]: r for r in json.loads(summary.read_text())}
+    assert_names_the_machine(json.loads(summary.read_text()), page.read_text())
+    rows = {r["norm"]: r for r in json.loads(summary.read_text())["rows"]}
     assert set(rows) == {"bn", "ln"}
     for norm, accs in histories.items():
         row = rows[norm]
@@ -112,3 +124,14 @@ def test_choose_defaults_trains_on_a_held_out_split_and_judges_it(tmp_path: Path
         assert row["final_mean"] == pytest.approx(accs[-1])
         # one seed: a failure rejects, a pass stays open until three seeds agree
         assert row["meets"] == ("no" if min(accs) < 99.4 else "open (1 seed)")
+
+
+def test_quick_sweep_packing_times_both_sides_of_the_same_grid(tmp_path: Path) -> None:
+    page = tmp_path / "packing.md"
+    result = run_script("sweep_packing.py", "--quick", "--json", "-", "--markdown", page)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["runs"] == 3 and report["sequential_seconds"] > 0 < report["sweep_seconds"]
+    # one seed: the sweep names its runs by what varies, the norm
+    assert sorted(report["sweep_final_test_accuracy"]) == ["norm-bn", "norm-gn", "norm-ln"]
+    assert_names_the_machine(report, page.read_text())

@@ -311,7 +311,7 @@ def test_default_names_distinguish_every_run_setting(monkeypatch: pytest.MonkeyP
 
 def test_a_checkpoint_older_than_weight_standardization_trained_plain_convs() -> None:
     # Format-1 files from before the option existed have no ws anywhere: plain convolutions.
-    old = Path(__file__).parents[1] / "bench/results/mnist/bn_l1.safetensors"
+    old = Path(__file__).parents[2] / "bench/results/mnist/bn_l1.safetensors"
     raw, _ = read_file(old)
     assert raw is not None and raw["format_version"] == "1"
     assert "weight_standardization" not in raw and '"ws"' not in raw["config"]

@@ -44,7 +44,7 @@ from normcli.sweep import (
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
 
 
 # --- tasks run by Ray workers (module level: pickled by reference) ---------------------------

@@ -26,7 +26,7 @@ from normcli.sweep import expand_grid, run_points, train_point
 from normcli.train import run_epoch, train
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
 TINY = ("--epochs", "2", "--batch-size", "50", "--device", "cpu")
 
 
