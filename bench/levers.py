@@ -41,7 +41,9 @@ import typer
 from normcli.config import ModelArgs, RunSpec
 from normcli.data import Augment, Split, load_split
 from normcli.evaluate import evaluate
-from normcli.train import Run, new_run, train_epoch, use_threads
+from normcli.run import Run, new_run
+from normcli.runtime import use_threads
+from normcli.train import train_epoch
 
 CPU = torch.device("cpu")
 NORMS = ("bn", "gn", "ln")

@@ -40,7 +40,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from normcli.entry import configure_threads
+from normcli.runtime import configure_threads
 
 # normcli's OpenMP wait policy for both pipelines (the caller's environment wins); before
 # torch loads, as OpenMP reads it then: hence the imports below it.
@@ -63,7 +63,9 @@ from normcli.data import DATASETS, Dataset, Split, get_dataset, load_split
 from normcli.errors import NormcliError
 from normcli.evaluate import EVAL_BATCH_SIZE, evaluate
 from normcli.norms import NORMS
-from normcli.train import new_run, train_epoch, use_threads
+from normcli.run import new_run
+from normcli.runtime import use_threads
+from normcli.train import train_epoch
 
 REFERENCE_WORKERS = 2  # the course's DataLoader num_workers
 MIN_ROUNDS = 3

@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from normcli.entry import configure_threads
+from normcli.runtime import configure_threads
 
 # normcli's OpenMP wait policy, set here so the report records it and the study's commands
 # inherit it; before torch loads (machine imports it), hence the imports below it.

@@ -27,6 +27,7 @@ from normcli.checkpoint import (
 )
 from normcli.config import RunSpec, TrainArgs
 from normcli.data import Augment, Dataset, Split, get_dataset, load_split
+from normcli.errors import NormcliError
 from normcli.parallel import (
     World,
     barrier,
@@ -36,7 +37,6 @@ from normcli.parallel import (
     local_main_first,
     wrap_ddp,
 )
-from normcli.errors import NormcliError
 from normcli.runtime import interrupts_held, resolve_device
 
 

@@ -36,6 +36,11 @@ from torch import nn
 from normcli.checkpoint import Checkpoint, EpochRecord, load_checkpoint
 from normcli.config import RunSpec
 from normcli.data import batches
+from normcli.errors import NormcliError
+from normcli.evaluate import Metrics, evaluate
+from normcli.files import check_writable, exclusive_output
+from normcli.models import count_params
+from normcli.outputs import checkpoint_path
 from normcli.parallel import (
     average_running_stats,
     process_group,
@@ -44,11 +49,6 @@ from normcli.parallel import (
     sum_across,
     was_interrupted,
 )
-from normcli.errors import NormcliError
-from normcli.evaluate import Metrics, evaluate
-from normcli.files import check_writable, exclusive_output
-from normcli.models import count_params
-from normcli.outputs import checkpoint_path
 from normcli.run import Run, check_world_size, save_run, start_run
 from normcli.runtime import INTERRUPTED, resolve_device, use_threads
 

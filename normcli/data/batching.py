@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 class ChannelStats(Protocol):
     """What normalizing needs of a dataset record (`Dataset` has it): per-channel mean and
     std. A protocol, so that this module does not import the records, which import it."""

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from normcli.runtime import INTERRUPTED, STOP_SIGNALS
 from normcli.errors import NormcliError
 from normcli.parallel.group import is_main_process, launched, rank
+from normcli.runtime import INTERRUPTED, STOP_SIGNALS
 
 # Set by `launch` for its workers: they record a failure for it and print nothing themselves.
 LAUNCHER_ENV = "NORMCLI_LAUNCHER"

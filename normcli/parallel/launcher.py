@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from normcli.errors import NormcliError
-from normcli.runtime import INTERRUPTED
 from normcli.parallel.failures import LAUNCHER_ENV, read_records
+from normcli.runtime import INTERRUPTED
 
 
 def launch(args: Sequence[str], nproc: int, *, threads: int) -> None:

@@ -15,7 +15,7 @@ import pytest
 from radon.complexity import cc_visit
 from radon.metrics import mi_rank, mi_visit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "normcli"
 
 
