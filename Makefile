@@ -1,9 +1,11 @@
 # Self-contained entry points: each sets up .venv on first use.
 #   make test                              run the test suite
-#   make study DATASET=mnist               train BN+L1, GN, LN from scratch into runs/mnist/ and
-#                                          print the comparison table (OUT=... to choose the folder)
+#   make study DATASET=mnist               train BN+L1, GN, LN from scratch into runs/mnist/, print
+#                                          the comparison table and where the report is
+#                                          (OUT=... to choose the folder)
 #   make results DATASET=mnist             regenerate the committed bench/results/mnist/ (retrains)
-# DATA=DIR says where the datasets are (default: $NORMCLI_DATA, else ./data).
+# DATA=DIR says where the datasets are (default: $NORMCLI_DATA, else ./data); a relative DIR
+# is taken from this folder, the clone's root.
 VENV ?= .venv
 PYTHON ?= python3
 DATASET ?= mnist
@@ -24,10 +26,10 @@ test: install
 	$(BIN)/python -m pytest -q
 
 study: install
-	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir $(DATA) --out $(OUT)
+	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir "$(abspath $(DATA))" --out $(OUT)
 
 results: install
-	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir $(DATA) --out bench/results/$(DATASET) --fresh
+	PATH="$(abspath $(BIN)):$$PATH" examples/compare_norms.sh $(DATASET) --data-dir "$(abspath $(DATA))" --out bench/results/$(DATASET) --fresh
 
 lint: install
 	$(BIN)/pip install -q ruff

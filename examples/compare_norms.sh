@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The normalization study as a shell script: train BN + L1, GN and LN on one
-# dataset, plot them together, show 10 misclassified images each, compare.
+# dataset, compare them, and write the study's report (curves, misclassified images,
+# confusion matrices, differences between the norms) as one HTML page.
 #
 #   examples/compare_norms.sh DATASET [--epochs N] [--data-dir DIR] [--out DIR] [--seed N]
 #                                     [--limit N] [--device D] [--l1 LAMBDA] [--fresh]
 #
-# Everything goes to --out (default runs/DATASET, which git ignores). Re-running it
-# resumes unfinished runs and keeps finished ones; --fresh retrains every run from scratch
-# (replacing the checkpoints in --out: `make results` uses it to regenerate bench/results).
+# Everything goes to --out (default runs/DATASET, which git ignores): the checkpoints,
+# eval.json, eval.md, log.txt, report.html and its Markdown twin report.md (figures in
+# report_figures/). Re-running it resumes unfinished runs and keeps finished ones; --fresh
+# retrains every run from scratch (replacing the checkpoints in --out: `make results` uses
+# it to regenerate bench/results).
 #
-# The three trainings run at the same time, one CPU thread each (on a small CPU three
-# one-thread runs train faster together than one after another with all threads each:
-# bench/results/levers.md), and so do the figures and tables after them.
+# The data is checked once (and downloaded if missing) before anything is created or
+# started. The three trainings then run at the same time, one CPU thread each (on a small
+# CPU three one-thread runs train faster together than one after another with all threads
+# each: bench/results/levers.md); each names its run on every line it prints.
 set -euo pipefail
 
 usage() { echo "usage: $0 mnist|cifar10 [--epochs N] [--data-dir DIR] [--out DIR] [--seed N] [--limit N] [--device D] [--l1 LAMBDA] [--fresh]" >&2; exit 2; }
@@ -23,6 +27,7 @@ case $dataset in
   *) usage ;;
 esac
 out=runs/$dataset
+data_dir=  # default: $NORMCLI_DATA, else ./data (normcli's own rule)
 fresh=0
 data_opts=()   # where the data is and what runs it: every command
 limit_opts=()  # --limit: training, eval and misclassified
@@ -35,12 +40,32 @@ while [[ $# -gt 0 ]]; do
     --epochs) epoch_opts=("$1" "$2"); shift 2 ;;
     --seed) seed_opts=("$1" "$2"); shift 2 ;;
     --limit) limit_opts=("$1" "$2"); shift 2 ;;
-    --data-dir|--device) data_opts+=("$1" "$2"); shift 2 ;;
+    --data-dir) data_dir=$2; [[ $data_dir == /* ]] || data_dir=$PWD/$data_dir
+                data_opts+=("$1" "$data_dir"); shift 2 ;;
+    --device) data_opts+=("$1" "$2"); shift 2 ;;
     --out) out=$2; shift 2 ;;
     --l1) l1=$2; shift 2 ;;
     *) usage ;;
   esac
 done
+
+# The data, checked once before anything is created or started (three trainings finding it
+# missing would each say so, and race to download it), on the interpreter normcli runs on.
+py="$(dirname "$(readlink -f "$(command -v normcli)")")/python"
+[[ -x $py ]] || py=python3
+"$py" - "$dataset" "$data_dir" <<'EOF'
+import sys
+
+from normcli.data import load_split
+from normcli.errors import NormcliError
+
+try:  # both splits, as each training reads them; a missing one is downloaded here, once
+    for train in (True, False):
+        load_split(sys.argv[1], train, sys.argv[2] or None)
+except NormcliError as e:
+    sys.exit(f"normcli: error: {e}")
+EOF
+
 mkdir -p "$out"
 # Every step runs beside others, so each takes one thread unless told otherwise.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -81,15 +106,13 @@ for run in "bn_l1:--norm bn --l1 $l1" "gn:--norm gn" "ln:--norm ln"; do
 done
 finish
 
-start plot normcli plot "${ckpts[@]}" --out "$out/curves.png" --overwrite >/dev/null
-start "plot test_loss, test_accuracy" normcli plot "${ckpts[@]}" --metric test_loss \
-  --metric test_accuracy --out "$out/" --overwrite >/dev/null  # test_loss.png, test_accuracy.png
-for ckpt in "${ckpts[@]}"; do
-  name=$(basename "$ckpt" .safetensors)
-  start "misclassified $name" normcli misclassified "$ckpt" --n 10 "${data_opts[@]}" "${limit_opts[@]}" \
-    --out "$out/misclassified_$name.png" --overwrite >/dev/null
-done
+# The figures live in the report, not beside the checkpoints: `normcli plot` there writes
+# its own curves.png without meeting one of the study's.
+start report normcli report "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" \
+  --out "$out/report.html" --markdown --overwrite >/dev/null
 start "eval" normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --json >"$out/eval.json"
 start "eval markdown" normcli eval "${ckpts[@]}" "${data_opts[@]}" "${limit_opts[@]}" --markdown >"$out/eval.md"
 finish
 cat "$out/eval.md"
+echo
+echo "report: $out/report.html (Markdown: $out/report.md)"

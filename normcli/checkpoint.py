@@ -29,6 +29,7 @@ from normcli.config import ModelArgs, RunSpec, TrainArgs, with_added_fields
 from normcli.data import DATASETS
 from normcli.errors import NormcliError
 from normcli.files import atomic_write
+from normcli.machine import MachineRecord
 from normcli.schema import check_type, from_json
 
 FORMAT_VERSION = 2  # 2: the run described by model_args + train_args; 1: spread over keys
@@ -65,6 +66,7 @@ class RunMetrics(TypedDict, total=False):
     test_accuracy: float
     test_loss: float
     train_loss: float
+    train_accuracy: float  # percent, measured while the last epoch trained
     test_error: float
     val_accuracy: float  # val_*: with a validation split
     val_loss: float
@@ -100,6 +102,7 @@ class CheckpointMeta:
     normcli_version: str = __version__
     torch_version: str = torch.__version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    machine: MachineRecord | None = None  # where it trained; None in files from before
 
     @property
     def dataset(self) -> str:

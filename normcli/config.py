@@ -332,3 +332,23 @@ RUN_OPTIONS: dict[str, type] = {
     **{f.name: ModelArgs for f in dataclasses.fields(ModelArgs)},
     **{f.name: TrainArgs for f in dataclasses.fields(TrainArgs)},
 }
+# The options users type: the fields with help text. The others are derived (num_classes, from
+# the dataset) or set by whoever starts the processes (world_size, by --nproc or a launcher).
+TYPED_OPTIONS: tuple[str, ...] = tuple(
+    f.name for r in (ModelArgs, TrainArgs) for f in dataclasses.fields(r) if f.metadata.get("help")
+)
+
+
+def option_flags(options: Mapping[str, Any]) -> list[str]:
+    """`normcli train`'s flags for run option values, e.g. ['--norm', 'gn', '--no-ws']: the
+    options users type, None (the default) left out, a float spelled as it reads back exact."""
+    flags: list[str] = []
+    for name, value in options.items():
+        if value is None or name not in TYPED_OPTIONS:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return flags

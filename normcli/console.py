@@ -58,11 +58,16 @@ stdout = _console()
 
 
 class ProgressReporter:
-    """Training progress: one bar per epoch (running loss/accuracy, img/s), a line per epoch."""
+    """Training progress: one bar per epoch (running loss/accuracy, img/s), a line per epoch.
 
-    def __init__(self, console: Console = stderr) -> None:
+    `name` (the run's, e.g. its checkpoint's stem) opens the bar and every line, so runs
+    trained side by side on one terminal or into one log can be told apart."""
+
+    def __init__(self, console: Console = stderr, name: str | None = None) -> None:
         self.console = console
+        self.prefix = f"{name}  " if name else ""
         self.progress = Progress(
+            TextColumn(self.prefix, markup=False, style="bold"),  # a file name: plain text
             TextColumn("[bold]epoch {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -101,7 +106,7 @@ class ProgressReporter:
         if not self.console.is_terminal and now - self.last_line >= LOG_SECONDS:
             self.last_line = now
             self.console.print(
-                f"epoch {self.epoch}  batch {done}/{self.total}  loss {loss:.4f} "
+                f"{self.prefix}epoch {self.epoch}  batch {done}/{self.total}  loss {loss:.4f} "
                 f"acc {accuracy:.2f}%  {images_per_s:.0f} img/s",
                 highlight=False,
                 markup=False,
@@ -111,11 +116,12 @@ class ProgressReporter:
     def end_epoch(self, row: dict[str, float]) -> None:
         self.last_line = time.monotonic()
         self.console.print(
-            f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} "
+            f"{self.prefix}epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f} "
             f"acc {row['test_accuracy']:6.2f}%  lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f}s ({row['images_per_second']:.0f} img/s)",
             highlight=False,
+            markup=False,
             soft_wrap=True,
         )
 

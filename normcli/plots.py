@@ -1,4 +1,5 @@
-"""Matplotlib figures: training curves, misclassified-image grids, confusion heatmaps.
+"""Matplotlib figures: training curves (per run, or a group's mean over seeds with a ±std
+band), misclassified-image grids, confusion heatmaps, study plots.
 
 Figures are built with `matplotlib.figure.Figure` (no pyplot, no global state)
 and saved atomically. Import this module lazily: matplotlib is slow to load.
@@ -8,13 +9,15 @@ parse_math=False: a '$' in it is a dollar sign, never the start of mathtext.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from normcli.checkpoint import FINAL_METRICS, HISTORY_KEYS, Checkpoint, CheckpointMeta
 from normcli.data import Split, denormalize, get_dataset, normalize
@@ -37,10 +40,13 @@ def _axis(name: str) -> tuple[str, str] | None:
 
 # metric -> (axis label with unit, title), for the history's keys and a run's final metrics
 # (declared once, in checkpoint.EpochRecord and checkpoint.RunMetrics).
+# The report adds the train-test gap of every epoch.
 METRICS: dict[str, tuple[str, str]] = {"lr": ("learning rate", "Learning rate")} | {
     name: axis for name in (*HISTORY_KEYS, *FINAL_METRICS) if (axis := _axis(name))
-}
+} | {"train_test_gap": ("train − test accuracy (points)", "Train–test accuracy gap")}
 DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
+# Metrics whose plateau is where runs differ: their axes zoom on the last half of the epochs.
+ZOOMED = frozenset({m for m in METRICS if m.endswith("accuracy")} | {"train_test_gap"})
 DPI = 100
 CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.9  # inches, for misclassified grids
 
@@ -52,48 +58,105 @@ def save_figure(fig: Figure, path: Path, fmt: str | None = None) -> Path:
     return path
 
 
+def _metric_axes(metrics: Sequence[str]) -> tuple[Figure, list[Axes]]:
+    """A figure with one axes per metric (2 x 2 for four, else one row)."""
+    n = len(metrics)
+    rows, cols = (2, 2) if n == 4 else (1, n)
+    fig = Figure(figsize=(6.4 * cols, 4.4 * rows), layout="constrained")
+    return fig, list(fig.subplots(rows, cols, squeeze=False).flatten())
+
+
+def _finish_axes(ax: Axes, metric: str, log: Sequence[str]) -> None:
+    """Title, labels, integer epochs, grid, legend (labels as plain text), log scale if asked."""
+    ylabel, name = METRICS.get(metric, (metric, metric))
+    ax.set_title(name)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if metric in log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_log_label))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_log_label))
+    for text in ax.legend().get_texts():
+        text.set_parse_math(False)  # run labels are file names: '$' is a dollar sign
+
+
+def _log_label(value: float, _: object) -> str:
+    """0.02, not 2 x 10^-2; only at 1, 2 and 5 times a power of ten, so labels never crowd."""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9) if value > 0 else 0
+    return f"{value:g}" if round(mantissa, 6) in (1, 2, 5) else ""
+
+
 def curves_figure(
     runs: Sequence[tuple[str, list[dict[str, float]]]],
     metrics: Sequence[str] = DEFAULT_GRID,
     title: str | None = None,
+    log: Sequence[str] = (),
 ) -> Figure:
-    """One axes per metric (2 x 2 for four), every run's history on the same axes.
+    """One axes per metric (2 x 2 for four), every run's history on the same axes; the
+    metrics in `log` on a log y axis (a loss that falls by decades).
 
     Each run has its own colour, marker and line style, so runs whose curves coincide stay
     distinguishable. Accuracy axes are zoomed on the last half of the epochs (see
     `zoom_on_last_half`): that is where runs differ, by tenths of a percent.
     """
-    n = len(metrics)
-    rows, cols = (2, 2) if n == 4 else (1, n)
-    fig = Figure(figsize=(6.4 * cols, 4.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    fig, axes = _metric_axes(metrics)
     for ax, metric in zip(axes, metrics, strict=True):
-        ylabel, name = METRICS[metric]
         for i, (label, full) in enumerate(runs):
             marker, linestyle = run_style(i)
             history = [row for row in full if metric in row]  # val_*: only runs with --val
             epochs = [int(row["epoch"]) for row in history]
-            ax.plot(
-                epochs,
-                [row[metric] for row in history],
-                marker=marker,
-                linestyle=linestyle,
-                ms=4,
-                label=label,
-            )
-        ax.set_title(name)
+            ax.plot(epochs, [row[metric] for row in history], marker=marker,
+                    linestyle=linestyle, ms=4, label=label)  # fmt: skip
         ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if metric.endswith("accuracy"):
+        if metric in ZOOMED and metric not in log:
             with_metric = [[row for row in h if metric in row] for _, h in runs]
             zoom_on_last_half(ax, with_metric, metric)
-        for text in ax.legend().get_texts():
-            text.set_parse_math(False)  # run labels are file names: '$' is a dollar sign
+        _finish_axes(ax, metric, log)
     if title:
         fig.suptitle(title, parse_math=False)
     return fig
+
+
+def band_figure(
+    groups: Sequence[tuple[str, Sequence[dict]]],
+    metrics: Sequence[str] = DEFAULT_GRID,
+    title: str | None = None,
+    log: Sequence[str] = (),
+) -> Figure:
+    """Like `curves_figure`, one line per group of runs: the mean over its runs at each epoch
+    with a ±1 std band. A group's rows are `study.aggregate` rows over [..., "epoch"]: an
+    "epoch" value and, per metric, its stats (n, mean, std)."""
+    fig, axes = _metric_axes(metrics)
+    for ax, metric in zip(axes, metrics, strict=True):
+        spread = []  # per group: the means and the band's edges, for the zoom
+        for i, (label, rows) in enumerate(groups):
+            spread += _band(ax, i, label, rows, metric)
+        ax.set_xlabel("epoch")
+        if metric in ZOOMED and metric not in log:
+            zoom_on_last_half(ax, spread, metric)
+        _finish_axes(ax, metric, log)
+    if title:
+        fig.suptitle(title, parse_math=False)
+    return fig
+
+
+def _band(ax: Axes, i: int, label: str, rows: Sequence[dict], metric: str) -> list[list[dict]]:
+    """One group's mean line and ±1 std band; returns the mean and the band's edges as
+    histories (epoch and value rows)."""
+    have = [r for r in rows if r.get(metric) and r[metric]["n"]]
+    epochs = [int(r["epoch"]) for r in have]
+    mean = [r[metric]["mean"] for r in have]
+    std = [r[metric]["std"] or 0.0 for r in have]
+    n = max((r[metric]["n"] for r in have), default=0)
+    marker, linestyle = run_style(i)
+    (line,) = ax.plot(epochs, mean, marker=marker, linestyle=linestyle, ms=4,
+                      label=f"{label} (n={n})")  # fmt: skip
+    low = [m - s for m, s in zip(mean, std, strict=True)]
+    high = [m + s for m, s in zip(mean, std, strict=True)]
+    ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    return [[{"epoch": e, metric: v} for e, v in zip(epochs, edge, strict=True)]
+            for edge in (mean, low, high)]  # fmt: skip
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -115,10 +178,11 @@ def zoom_on_last_half(ax: Axes, histories: Sequence[list[dict[str, float]]], met
     low, high = min(tail) - pad, max(tail) + pad
     ax.set_ylim(low, high)
     if any(not low <= row[metric] <= high for h in histories for row in h):
-        ax.text(
-            0.01, 0.01, "zoomed on the last half of the epochs; earlier points lie outside",
-            transform=ax.transAxes, fontsize=7, color="0.4", va="bottom",
-        )  # fmt: skip
+        # Under the x label: legible at the label's size, and never over the data.
+        ax.set_xlabel(
+            f"{ax.get_xlabel()}\n(y axis zoomed on the last half of the epochs; "
+            "earlier points lie outside it)"
+        )
 
 
 def mixed_datasets_warning(metas: Sequence[CheckpointMeta]) -> str | None:
@@ -170,18 +234,22 @@ def misclassified_figure(
 def confusion_figure(
     confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str
 ) -> Figure:
-    """Heatmap of confusion[true][predicted] with counts in the cells."""
+    """Heatmap of confusion[true][predicted] with counts in the cells, on a log colour scale:
+    a linear one spends its shades on the diagonal and leaves the errors white."""
     k = len(class_names)
     fig = Figure(figsize=(1.0 + 0.6 * k, 0.8 + 0.55 * k), layout="constrained")
     ax = fig.subplots()
     matrix = torch.tensor(confusion, dtype=torch.float)
-    im = ax.imshow(matrix.numpy(), cmap="Blues")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="images")
+    top = max(matrix.max().item(), 2.0)
+    # Empty cells stay white (masked below the scale's 1); counts from 1 up get shades.
+    shown = matrix.masked_fill(matrix < 1, float("nan")).numpy()
+    im = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=top))
+    fig.colorbar(im, ax=ax, shrink=0.8, label="images (log scale)")
     ax.set_xticks(range(k), class_names, rotation=45, ha="right", parse_math=False)
     ax.set_yticks(range(k), class_names, parse_math=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    threshold = matrix.max().item() / 2
+    threshold = top**0.6  # where the log scale's blue gets dark enough for white text
     for i in range(k):
         for j in range(k):
             value = int(matrix[i, j])
@@ -208,16 +276,22 @@ def default_title(metas: Sequence[CheckpointMeta]) -> str:
 
 
 def write_misclassified_grid(
-    ckpt: Checkpoint,
-    split: Split,
-    path: Path,
-    *,
-    n: int = 10,
-    sort: str = "index",
-    cols: int = 5,
-    batch_size: int = EVAL_BATCH_SIZE,
-) -> list[Mistake]:
+    ckpt: Checkpoint, split: Split, path: Path, *, n: int = 10, sort: str = "index",
+    cols: int = 5, batch_size: int = EVAL_BATCH_SIZE,
+) -> list[Mistake]:  # fmt: skip
     """Find misclassified test images and save them as one annotated grid; returns them."""
+    fig, mistakes = misclassified_grid(ckpt, split, n=n, sort=sort, cols=cols,
+                                       batch_size=batch_size)  # fmt: skip
+    save_figure(fig, path)
+    return mistakes
+
+
+def misclassified_grid(
+    ckpt: Checkpoint, split: Split, *, n: int = 10, sort: str = "index", cols: int = 5,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> tuple[Figure, list[Mistake]]:  # fmt: skip
+    """The annotated grid of a checkpoint's first (or most confident) misclassified test
+    images, and those mistakes."""
     meta, spec = ckpt.meta, get_dataset(ckpt.meta.dataset)
     device = split.images.device
     logits = predict(ckpt.model.to(device), split, spec, batch_size)
@@ -231,8 +305,7 @@ def write_misclassified_grid(
         f"{which} misclassified test images"
     )
     fig = misclassified_figure(images, mistakes, meta.class_names, min(cols, n), title)
-    save_figure(fig, path)
-    return mistakes
+    return fig, mistakes
 
 
 # Options whose values grow by factors of two: a log2 axis spaces them evenly (GN paper, Fig. 1).
@@ -249,21 +322,44 @@ def study_figure(
 ) -> Figure:
     """A final metric against a run option: one line per `hue` value at the mean over seeds,
     ±1 std error bars, and each run as a faint point. `rows` come from study.aggregate over
-    [hue, x] (or [x]); `records` are the runs themselves."""
+    [hue, x] (or [x]); `records` are the runs themselves. An option whose values are not all
+    numbers (norm, ws) is categorical: its values sit side by side as points, no line
+    joining them, each hue shifted a little so that their bars do not hide each other."""
     fig = Figure(figsize=(7.2, 4.8), layout="constrained")
     ax = fig.subplots()
     groups = list(dict.fromkeys(r[hue] for r in rows)) if hue else [None]
+    values = list(dict.fromkeys(r[x] for r in rows))
+    categories = None if all(_is_number(v) for v in values) else values
     for i, group in enumerate(groups):
         mine = [r for r in rows if hue is None or r[hue] == group]
         runs = [r for r in records if (hue is None or r.get(hue) == group) and y in r]
-        _study_line(ax, i, f"{hue}={group}" if hue else y, mine, runs, x, y)
-    _study_axes(ax, rows, x, y, title)
+        where = _category_positions(categories, i, len(groups))
+        _study_line(ax, i, f"{hue}={group}" if hue else y, mine, runs, (x, where), y)
+    _study_axes(ax, rows, x, y, title, categories)
     return fig
 
 
-def _study_axes(ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | None) -> None:
-    """Log2 x axis for options that double, labels, the title with the largest n, legend."""
-    if x in LOG2_OPTIONS:
+def _category_positions(categories: list | None, i: int, series: int) -> dict | None:
+    """Where the i-th of `series` series puts each category (None: a numeric axis)."""
+    if categories is None:
+        return None
+    shift = 0.12 * (i - (series - 1) / 2)
+    return {repr(v): k + shift for k, v in enumerate(categories)}  # repr: any value hashes
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _study_axes(
+    ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | None, categories: list | None
+) -> None:
+    """Log2 x axis for options that double, or one tick per category; labels, the title with
+    the largest n, legend."""
+    if categories is not None:
+        ax.set_xticks(range(len(categories)), [str(v) for v in categories], parse_math=False)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    elif x in LOG2_OPTIONS:
         ax.set_xscale("log", base=2)
         values = sorted({r[x] for r in rows})
         ax.set_xticks(values, [str(v) for v in values])
@@ -273,19 +369,29 @@ def _study_axes(ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | Non
     heading = (title + ": " if title else "") + f"{y} (mean ± std, up to n={n} per point)"
     ax.set_title(heading, parse_math=False)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(ax.containers) > 1:  # one series needs no legend
+        for text in ax.legend().get_texts():
+            text.set_parse_math(False)
 
 
 def _study_line(
-    ax: Axes, i: int, label: str, rows: Sequence[dict], runs: Sequence[dict], x: str, y: str
-) -> None:
-    """One group: its means with ±1 std error bars, and each run as a faint point."""
+    ax: Axes, i: int, label: str, rows: Sequence[dict], runs: Sequence[dict],
+    x: tuple[str, dict | None], y: str,
+) -> None:  # fmt: skip
+    """One group: its means with ±1 std error bars, and each run as a faint point. `x` is
+    the option and, for a categorical one, each value's position (no line between them)."""
+    key, where = x
+
+    def position(record: dict) -> float:
+        return record[key] if where is None else where[repr(record[key])]
+
     have = [r for r in rows if r[y] and r[y]["n"]]
     marker, linestyle = run_style(i)
     line = ax.errorbar(
-        [r[x] for r in have], [r[y]["mean"] for r in have],
+        [position(r) for r in have], [r[y]["mean"] for r in have],
         yerr=[r[y]["std"] or 0.0 for r in have],
-        marker=marker, linestyle=linestyle, capsize=3, label=label,
+        marker=marker, linestyle=linestyle if where is None else "none", capsize=3,
+        label=label,
     )  # fmt: skip
-    ax.scatter([r[x] for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
+    ax.scatter([position(r) for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
                color=line.lines[0].get_color())  # fmt: skip

@@ -28,6 +28,7 @@ from normcli.checkpoint import (
 from normcli.config import RunSpec, TrainArgs
 from normcli.data import Augment, Dataset, Split, get_dataset, load_split
 from normcli.errors import NormcliError
+from normcli.machine import describe_machine
 from normcli.parallel import (
     World,
     barrier,
@@ -212,6 +213,7 @@ def checkpoint_meta(run: Run) -> CheckpointMeta:
         std=list(dataset.std),
         history=list(run.history),
         resume=ResumeState(epoch=run.epoch, steps_per_epoch=run.steps_per_epoch),
+        machine=describe_machine(run.device),
     )
 
 

@@ -1,5 +1,6 @@
 """Studies across runs: each checkpoint's final metrics as a record, and records reduced to one
-row per group (e.g. norm, batch size) with n, mean, sample std, min, max over seeds.
+row per group (e.g. norm, batch size) with n, mean, sample std, min, max over seeds and the
+mean's 95% confidence interval (Student's t, `normcli.stats`).
 
 Used by `eval --group-by` and study plots on any checkpoints, and on a sweep's results.
 """
@@ -14,12 +15,14 @@ from typing import Any
 
 from normcli.checkpoint import FINAL_METRICS, RunMetrics, read_metadata
 from normcli.errors import NormcliError
+from normcli.stats import mean_interval
 
 
 def aggregate(
     records: Sequence[Mapping[str, Any]], group_by: Sequence[str], metrics: Sequence[str]
 ) -> list[dict]:
-    """One row per combination of the `group_by` values, with n, mean, std, min, max per metric.
+    """One row per combination of the `group_by` values, with n, mean, std, min, max and ci95
+    (the mean's 95% interval, [low, high]) per metric.
 
     Groups come in first-seen order, except that a key whose values are all numbers sorts
     numerically. std is the sample standard deviation (None for one value). A record without a
@@ -81,16 +84,19 @@ def _is_number(value: Any) -> bool:
 
 
 def _stats(metric: str, values: list) -> dict:
-    """n, mean, sample std (None below two values), min and max of a metric's values."""
+    """n, mean, sample std and the mean's 95% interval (t; both None below two values), min
+    and max of a metric's values."""
     bad = next((v for v in values if not _is_number(v)), None)
     if bad is not None:
         raise NormcliError(f"metric {metric} has a value that is not a number: {bad!r}")
     n = len(values)
     if n == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "ci95": None}
     mean = math.fsum(values) / n
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values)}
+    interval = mean_interval(mean, std, n)
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values),
+            "ci95": None if interval is None else list(interval)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

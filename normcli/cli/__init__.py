@@ -1,5 +1,5 @@
 """The Typer app: one function per command, each in the module of its area (train, report,
-plot, sweep); each parses, calls the library, prints.
+plot, sweep, study_report); each parses, calls the library, prints.
 
 Data goes to stdout (a path, or JSON with --json); progress, tables, hints and
 errors go to stderr. Errors are mapped to one line and an exit code in `main`:
@@ -21,6 +21,7 @@ from normcli.cli.options import as_flags
 from normcli.cli.plot import plot
 from normcli.cli.printing import fail
 from normcli.cli.report import eval_, history, misclassified, summary
+from normcli.cli.study_report import report
 from normcli.cli.sweep import sweep
 from normcli.cli.train import train
 from normcli.errors import NormcliError
@@ -40,7 +41,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _COMMANDS = {"train": train, "eval": eval_, "misclassified": misclassified, "plot": plot,
-            "history": history, "sweep": sweep, "summary": summary}  # fmt: skip
+            "history": history, "sweep": sweep, "summary": summary,
+            "report": report}  # fmt: skip
 for name, command in _COMMANDS.items():
     app.command(name)(command)
 

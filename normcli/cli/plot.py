@@ -54,6 +54,13 @@ def plot(
     ] = None,
     title: Annotated[str | None, typer.Option(help="Figure title.", show_default=False)] = None,
     overwrite: OverwriteOpt = False,
+    log: Annotated[
+        list[Metric] | None,
+        typer.Option(
+            "--log", help="Log-scale y axis for this metric (repeatable), e.g. --log train_loss.",
+            show_default=False,
+        ),
+    ] = None,
     x: Annotated[
         str | None,
         typer.Option(
@@ -77,12 +84,13 @@ def plot(
     if x is not None:
         _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
         return
-    _curves_plot(checkpoints, metas, metric, out, fmt, title, overwrite)
+    _curves_plot(checkpoints, metas, metric, out, fmt, title, overwrite,
+                 [m.value for m in log or ()])  # fmt: skip
 
 
 def _curves_plot(
     checkpoints: list[Path], metas: list, metric: list | None, out: Path | None,
-    fmt: Format | None, title: str | None, overwrite: bool,
+    fmt: Format | None, title: str | None, overwrite: bool, log: list[str],
 ) -> None:  # fmt: skip
     from normcli.plots import (
         DEFAULT_GRID,
@@ -103,7 +111,7 @@ def _curves_plot(
         warn(warning)
     with plan.claim() as paths:
         for metrics, path, image in zip(figures, paths, formats, strict=True):
-            save_figure(curves_figure(runs, metrics, heading), path, image)
+            save_figure(curves_figure(runs, metrics, heading, log), path, image)
             print(path)
 
 

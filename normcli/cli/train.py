@@ -16,7 +16,7 @@ from normcli.cli.options import (
     spec_from_options,
     with_run_options,
 )
-from normcli.config import RunSpec
+from normcli.config import RunSpec, option_flags
 from normcli.console import stderr
 from normcli.errors import NormcliError
 
@@ -69,6 +69,7 @@ def _train(
 ) -> None:
     from normcli import parallel
     from normcli.console import ProgressReporter
+    from normcli.outputs import checkpoint_path
     from normcli.train import SilentReporter, resume_training
     from normcli.train import train as run_training
 
@@ -85,7 +86,9 @@ def _train(
                         device, out, overwrite)  # fmt: skip
         return
     main_process = parallel.is_main_process()  # under a launcher, rank 0 alone reports
-    progress = ProgressReporter() if main_process else nullcontext(SilentReporter())
+    if main_process:  # every line names the run: studies train several side by side
+        name = (resume or checkpoint_path(spec.default_path(), out, overwrite)).stem
+    progress = ProgressReporter(name=name) if main_process else nullcontext(SilentReporter())
     with progress as reporter:
         if resume is not None:
             result = resume_training(resume, data_dir=data_dir, device=device, reporter=reporter)
@@ -118,9 +121,11 @@ def _report_training(result: Any) -> None:
         best = max(r["test_accuracy"] for r in result.history)
         epochs = len(result.history)
         stderr.print(
-            f"{result.params:,} params; final test accuracy {last['test_accuracy']:.2f}% "
-            f"(best {best:.2f}%) after {epochs} epoch{'s' if epochs != 1 else ''}",
+            f"{result.path.stem}: {result.params:,} params; final test accuracy "
+            f"{last['test_accuracy']:.2f}% (best {best:.2f}%) after {epochs} "
+            f"epoch{'s' if epochs != 1 else ''}",
             highlight=False,
+            markup=False,
         )
     print(result.path)
 
@@ -159,20 +164,5 @@ def _launch_workers(
         threads = spec.train.threads
         args += ["--out", str(checkpoint_path(spec.default_path(), out, overwrite))]
         args += ["--overwrite"] if overwrite else []
-        args += _run_option_args(spec)
+        args += option_flags(spec.options())  # resolved: every worker trains this run
     parallel.launch(args, nproc, threads=threads or default_threads(nproc))
-
-
-def _run_option_args(spec: RunSpec) -> list[str]:
-    """The command-line flags that give a worker the run options of `spec` (resolved)."""
-    typed = run_option_fields()
-    args: list[str] = []
-    for name, value in spec.options().items():
-        flag = f"--{name.replace('_', '-')}"
-        if name not in typed or value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            args += [flag, repr(value) if isinstance(value, float) else str(value)]
-    return args

@@ -167,7 +167,7 @@ def test_plot_default_grid_uses_histories(cli, tiny_checkpoints, tmp_path, captu
     for ax, metric in zip(fig.axes, metrics, strict=True):
         labels = [line.get_label() for line in ax.get_lines()]
         assert labels == ["BN + L1 (1e-4)", "GN (G=2) + WS", "LN + WS"]
-        assert ax.get_xlabel() == "epoch"
+        assert ax.get_xlabel().split("\n")[0] == "epoch"  # a zoomed axis adds a note
         assert ("%" in ax.get_ylabel()) == metric.endswith("accuracy")
         for line, path in zip(ax.get_lines(), paths, strict=True):
             history = read_metadata(path).history

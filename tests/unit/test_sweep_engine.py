@@ -298,9 +298,11 @@ def test_aggregate_against_statistics() -> None:
     assert [(r["norm"], r["batch_size"]) for r in by_size] == [
         ("gn", 64), ("bn", 8), ("bn", 64),
     ]  # fmt: skip
-    assert by_size[1]["loss"] == {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    assert by_size[1]["loss"] == {
+        "n": 0, "mean": None, "std": None, "min": None, "max": None, "ci95": None
+    }  # fmt: skip
     one = aggregate(rows[:1], ["seed"], ["acc"])[0]["acc"]
-    assert one == {"n": 1, "mean": 0.91, "std": None, "min": 0.91, "max": 0.91}
+    assert one == {"n": 1, "mean": 0.91, "std": None, "min": 0.91, "max": 0.91, "ci95": None}
     assert [r["seed"] for r in aggregate(rows, ["seed"], ["acc"])] == [1, 2, 3]  # numeric
 
     with pytest.raises(NormcliError, match="unknown group key width; available: norm, batch_size"):
@@ -556,5 +558,9 @@ class TestOnAConnectedRay:
         assert entries["x-2"]["attempts"] == 2 and entries["x-4"]["status"] == "done"
         table = aggregate(records(load_manifest(tmp_path)), ["sleep"], ["x"])
         assert table == [{"sleep": 0.1, "x": {"n": 3, "mean": 8 / 3, "std": table[0]["x"]["std"],
-                                              "min": 1, "max": 4}}]  # fmt: skip
+                                              "min": 1, "max": 4,
+                                              "ci95": table[0]["x"]["ci95"]}}]  # fmt: skip
         assert math.isclose(table[0]["x"]["std"], statistics.stdev([1, 3, 4]))
+        # t(0.975, 2) = 4.302653 (tables): the interval is mean ± t * std / sqrt(3)
+        half = 4.302653 * statistics.stdev([1, 3, 4]) / math.sqrt(3)
+        assert table[0]["x"]["ci95"] == pytest.approx([8 / 3 - half, 8 / 3 + half], rel=1e-6)
