@@ -3,9 +3,10 @@ after every epoch (`save_run`) and continued from its checkpoint (`restore_run`)
 
 The checkpoint holds what cannot be derived from the run description: weights and buffers,
 momentum buffers and RNG states (with --ema, the file's model is the weights' average and
-the live weights travel beside it: normcli.ema). Resuming rebuilds everything else (the one-cycle schedule
-from the config and the epoch count), so an interrupted run continues to exactly the
-weights an uninterrupted run would reach (on the CPU, same seed and thread count). With
+the live weights travel beside it: normcli.ema). Resuming rebuilds everything else (the
+one-cycle schedule from the config and the epoch count), so an interrupted run continues to
+exactly the weights an uninterrupted run would reach (on the CPU, same seed and thread
+count). With
 several processes rank 0 writes, after gathering every process's RNG states; the
 checkpoint is an ordinary one-process model. The training loop: normcli.train.
 """
