@@ -11,8 +11,11 @@ A's augmentation does, ToTensor, Normalize, DataLoader(shuffle=True, num_workers
 persistent_workers=False); the same model, initial weights, optimizer, schedule and batch size,
 contiguous memory; evaluation through a DataLoader of the test set with the same arguments,
 under torch.no_grad. Both keep torch's thread count, as the course does (--threads,
---reference-threads to choose); A under normcli's OpenMP policy (GOMP_SPINCOUNT=1000), B in a
-process of its own under libgomp's default spin, as a notebook runs (--reference-spin).
+--reference-threads to choose); A under normcli's OpenMP policy for this process
+(normcli.runtime.configure_threads: libgomp's default spin for a lone run, GOMP_SPINCOUNT=1000
+with --threads below the core count), B in a process of its own under libgomp's default spin,
+as a notebook runs (--reference-spin). A trains in the precision and layout normcli.tuning
+chooses for this CPU (the report names them), B in float32, contiguous.
 
 Each round times A, B, A, B: one epoch of --images training images (default: the split), from
 the first batch request to the last step, B's worker start-up and shutdown included (the
@@ -66,6 +69,7 @@ from normcli.norms import NORMS
 from normcli.run import new_run
 from normcli.runtime import use_threads
 from normcli.train import train_epoch
+from normcli.tuning import choose
 
 REFERENCE_WORKERS = 2  # the course's DataLoader num_workers
 MIN_ROUNDS = 3
@@ -312,9 +316,12 @@ def measure(bench: Bench, rounds: int, quick: bool, reference: Any) -> dict[str,
         rates = [f"{timings[k][-1].images_per_second:,.0f}" for k in timings]
         print(f"{m.dataset} round {r + 1}/{rounds}: train {rates[0]} vs {rates[1]} img/s, "
               f"eval {rates[2]} vs {rates[3]} img/s", file=sys.stderr)  # fmt: skip
+    with use_threads(bench.threads):  # A's precision and layout, as its runs chose them
+        chosen = choose(bench.run, CPU)
     return {
         "dataset": m.dataset, "model": m.model, "norm": m.norm, "groups": m.groups,
-        "batch_size": config.batch_size, "channels_last": config.channels_last,
+        "batch_size": config.batch_size, "precision": chosen.precision,
+        "channels_last": chosen.channels_last,
         "normcli_eval_batch_size": EVAL_BATCH_SIZE, "reference_workers": bench.workers,
         "reference_threads": bench.reference_threads or torch.get_num_threads(),
         "rounds": rounds,
@@ -344,7 +351,11 @@ def summary_table(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown page: the summary, settings and method."""
-    return machine.page(report, __doc__, *summary_table(report))
+    chosen = "; ".join(f"{r['dataset']} {r.get('precision', 'fp32')}, "
+                       f"{'channels_last' if r['channels_last'] else 'contiguous'}"
+                       for r in report["results"])  # fmt: skip
+    layouts = f"A's precision and layout (normcli.tuning; B: fp32, contiguous): {chosen}.\n"
+    return machine.page(report, __doc__, *summary_table(report), layouts)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

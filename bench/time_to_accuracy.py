@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from normcli.runtime import configure_threads
+from normcli.runtime import configure_threads, describe_spin, spin_count, usable_cores
 
 # normcli's OpenMP wait policy, set here so the report records it and the study's commands
 # inherit it; before torch loads (machine imports it), hence the imports below it.
@@ -76,9 +76,15 @@ def run_study(
     for name in RUNS:
         meta = read_metadata(out / f"{name}.safetensors")
         t, last = meta.train_args, meta.history[-1]
+        # The spin that run chose for itself (normcli.runtime): a --threads run among others.
+        count = spin_count(["train", "--threads", str(t.threads)], env, usable_cores())
+        own_env = {**env, **({"GOMP_SPINCOUNT": count} if count else {})}
         runs[name] = {
             "label": meta.run.label, "norm": meta.model_args.norm, "epochs": t.epochs,
             "batch_size": t.batch_size, "lr": t.lr, "l1": t.l1, "threads": t.threads,
+            # as normcli.tuning chose them, recorded in the checkpoint
+            "precision": t.precision, "channels_last": t.channels_last,
+            "openmp": describe_spin(own_env),
             "test_accuracy": [row["test_accuracy"] for row in meta.history],
             "train_seconds": sum(row["seconds"] for row in meta.history),
             "train_images_per_epoch": round(last["images_per_second"] * last["seconds"]),
@@ -137,6 +143,12 @@ def _acc(values: list[float]) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
 
 
+def _how(run: dict[str, Any]) -> str:
+    """A run's precision, layout and OpenMP spin ('-' where older reports lack them)."""
+    layout = {True: "channels_last", False: "contiguous"}.get(run.get("channels_last"), "-")
+    return f"{run.get('precision', '-')}, {layout}, {run.get('openmp', '-')}"
+
+
 def _yes(flag: bool | None) -> str:
     return "-" if flag is None else "yes" if flag else "NO"
 
@@ -148,7 +160,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     seeds = [[s["seed"], f"{s['wall_s']:.1f}", f"{s['cpu_s']:.0f}", training_seconds(s),
               f"{s['wall_s'] - training_seconds(s):.0f}", f"{s['load_average_before'][0]:.2f}",
               f"{s['load_average_after'][0]:.2f}"] for s in studies]  # fmt: skip
-    runs = [[s["seed"], r["label"], r["epochs"], r["batch_size"], f"{r['lr']:g}",
+    runs = [[s["seed"], r["label"], r["epochs"], r["batch_size"], f"{r['lr']:g}", _how(r),
              _acc(r["test_accuracy"][-3:]), f"{r['test_accuracy'][-1]:.2f}"]
             for s in studies for r in s["runs"].values()]  # fmt: skip
     spread = [[n["label"], machine.mean_std(n["final_mean"], n["final_std"], 3),
@@ -165,7 +177,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         *table(["seed", "wall (s)", "CPU (s)", "training (s)", "figures + tables (s)",
                 "load avg before", "load avg after"], seeds),
         "Test accuracy (%) in the last three epochs of each run, and its final value:", "",
-        *table(["seed", "run", "epochs", "batch", "lr", "last three epochs", "final"], runs),
+        *table(["seed", "run", "epochs", "batch", "lr", "precision, layout, OpenMP",
+                "last three epochs", "final"], runs),
         f"Over {len(studies)} seed(s):", "",
         *table(["run", "final mean ± std", "least of the last three epochs"], spread),
         *verdicts,

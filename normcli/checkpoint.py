@@ -221,8 +221,10 @@ def _check_consistent(meta: CheckpointMeta, where: str) -> None:
             raise NormcliError(f"{where}: metadata {key!r} does not fit dataset {dataset.name}")
     unresolved = [k for k, v in asdict(m).items() if v is None and k != "groups"]
     unresolved += [
-        k for k, v in asdict(meta.train_args).items() if v is None and k not in ("limit", "threads")
-    ]  # threads: unknown in old files
+        k
+        for k, v in asdict(meta.train_args).items()
+        if v in (None, "auto") and k not in ("limit", "threads")
+    ]  # threads: unknown in old files; "auto" (precision): a file records what it trained in
     if unresolved:
         raise NormcliError(f"{where}: metadata leaves {unresolved[0]!r} unset")
     epochs = [row["epoch"] for row in meta.history]

@@ -31,6 +31,8 @@ from normcli.runtime import default_threads
 
 CHECKPOINT_DIR = Path("checkpoints")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; stay within a signed int64
+# The training step's precisions; "auto" is decided per device when the run starts.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def option(
@@ -171,8 +173,11 @@ class TrainArgs:
         tag="val",
         check=(lambda v: v >= 0, "a number of images >= 0"),
     )
-    channels_last: bool | None = option(  # None: the norm's layout (contiguous for gn)
-        None, "channels_last memory layout for training. Default: on, off for gn.", tag="cl"
+    channels_last: bool | None = option(  # None: chosen when the run starts (normcli.tuning)
+        None,
+        "channels_last memory layout for training. Default: the faster one on this CPU, by a "
+        "short timed trial (cached; $NORMCLI_TUNE=0: on, off for gn); recorded.",
+        tag="cl",
     )
     threads: int | None = option(  # CPU threads per process; None: see resolve()
         None,
@@ -195,6 +200,32 @@ class TrainArgs:
         tag="sync",
         before=False,
     )
+    # The recipe, added after format 2 too: files written before it trained in float32,
+    # without a weight average or label smoothing.
+    precision: str = option(  # the training step's autocast; auto: decided by normcli.tuning
+        "auto",
+        "Training step's precision (evaluation stays fp32). auto: bf16 on GPUs with bf16 and "
+        "CPUs with amx_bf16/avx512_bf16 where a short timed trial finds it faster "
+        "($NORMCLI_TUNE=0: without the trial), else fp32; recorded.",
+        tag="p",
+        check=(lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+        choices=dict.fromkeys(PRECISIONS),
+        before="fp32",
+    )
+    ema: float = option(  # decay of the weights' moving average, evaluated and saved; 0: off
+        0.0,
+        "Evaluate and save a moving average of the weights with this decay (e.g. 0.999); 0: off.",
+        tag="ema",
+        check=(lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+        before=0.0,
+    )
+    label_smoothing: float = option(
+        0.0,
+        "Label smoothing of the training loss, in [0, 1) (e.g. 0.1).",
+        tag="ls",
+        check=(lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+        before=0.0,
+    )
 
     @property
     def per_process_batch(self) -> int | None:
@@ -207,7 +238,8 @@ class TrainArgs:
         defaults = get_dataset(model.dataset).training_defaults(model.norm)
         missing = {k: defaults[k] for k in ("epochs", "batch_size", "lr", "weight_decay")}
         missing["threads"] = default_threads(self.world_size)
-        missing["channels_last"] = get_norm(model.norm).channels_last
+        # precision "auto" and channels_last None stay: the device decides them when the run
+        # starts (normcli.tuning.settle), and the checkpoint records what it chose.
         filled = dataclasses.replace(
             self, **{k: v for k, v in missing.items() if getattr(self, k) is None}
         )

@@ -165,6 +165,10 @@ def markdown_table(reports: Sequence[CheckpointReport]) -> str:
          f"{r.metrics.loss:.4f}", _fixed(r.seconds_per_epoch, 1))
         for r in reports
     ]  # fmt: skip
+    if any(r.tta is not None for r in reports):  # eval --tta: its own column
+        columns.append("TTA acc (%)")
+        cells = [(*row, _fixed(r.tta.accuracy if r.tta else None))
+                 for row, r in zip(cells, reports, strict=True)]  # fmt: skip
     return to_markdown(columns, cells, right=columns[2:])
 
 
@@ -185,6 +189,13 @@ def show_report(rep: CheckpointReport, class_names: Sequence[str]) -> None:
         soft_wrap=True,
         highlight=False,
     )
+    if rep.tta is not None:  # its own protocol, on its own line
+        stdout.print(
+            f"TTA ({', '.join(rep.tta_views or [])}): test loss {rep.tta.loss:.4f}  "
+            f"TTA accuracy {rep.tta.accuracy:.2f}%  ({rep.tta.correct}/{rep.tta.total})",
+            soft_wrap=True,
+            highlight=False,
+        )
     print_table(
         "Per-class accuracy",
         ["class", "images", "accuracy (%)"],
@@ -209,6 +220,10 @@ def show_comparison(reports: Sequence[CheckpointReport]) -> None:
          r.metrics.wrong)
         for r in reports
     ]  # fmt: skip
+    if any(r.tta is not None for r in reports):  # eval --tta: its own column
+        columns.append("TTA acc (%)")
+        tta = [r.tta.accuracy if r.tta else None for r in reports]
+        rows = [(*row, acc) for row, acc in zip(rows, tta, strict=True)]
     print_table("Comparison", columns, rows)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +26,21 @@ EVAL_BATCH_SIZE = 256
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, split: Split, spec: Dataset, batch_size: int = EVAL_BATCH_SIZE
+    model: nn.Module,
+    split: Split,
+    spec: Dataset,
+    batch_size: int = EVAL_BATCH_SIZE,
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Logits of `model` (put in eval mode) for every image of `split`, in order, on the CPU."""
+    """Logits of `model` (put in eval mode) for every image of `split`, in order, on the CPU;
+    `view` transforms each normalized batch first (test-time augmentation: normcli.tta)."""
     if batch_size <= 0:
         raise NormcliError(f"batch_size must be positive, got {batch_size}")
     model.eval()
     memory_format = _memory_format(model)
     model = fold_batchnorm(model)
     out = [
-        model(x.contiguous(memory_format=memory_format)).float()
+        model((view(x) if view else x).contiguous(memory_format=memory_format)).float()
         for x, _ in batches(split, spec, batch_size)
     ]
     if not out:
@@ -169,10 +174,16 @@ class CheckpointReport:
     final_accuracy: float | None  # last epoch's test accuracy in the history
     seconds_per_epoch: float | None  # mean training seconds per epoch in the history
     metrics: Metrics
+    tta: Metrics | None = None  # eval --tta: the test-time augmentation protocol's metrics
+    tta_views: list[str] | None = None  # the views its logits are averaged over
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
         doc["metrics"]["wrong"] = self.metrics.wrong
+        if self.tta is None:
+            del doc["tta"], doc["tta_views"]
+        else:
+            doc["tta"]["wrong"] = self.tta.wrong
         return doc
 
 

@@ -44,15 +44,17 @@ class Norm:
     takes_groups: bool = False  # GroupNorm: the factory needs groups=G
     ws_default: bool = False  # weight-standardized convolutions unless told otherwise
     uses_batch_statistics: bool = False  # normalizes over the batch (BatchNorm)
-    channels_last: bool = True  # the training layout unless told otherwise (see NORMS)
+    channels_last: bool = True  # the layout where no timed trial decides (see NORMS)
 
 
 # The per-image norms weight-standardize their convolutions by default: they learn much more
 # slowly than BatchNorm without it on these small CNNs (Qiao et al., 2019; the README's
 # Results section has the --ws / --no-ws measurement).
-# GroupNorm trains in the contiguous layout: its channels_last CPU kernels are the slower ones
-# (mnist_net, one thread: 1.1-1.6x faster contiguous), while BN and LN (= GroupNorm(1, C)) run
-# faster channels_last (bench/results/levers.md).
+# Without a timed trial (NORMCLI_TUNE=0, a GPU: normcli.tuning), GroupNorm trains in the
+# contiguous layout: its channels_last kernels were the slower ones on an AMD EPYC (mnist_net,
+# one thread: 1.1-1.6x faster contiguous), while BN and LN (= GroupNorm(1, C)) ran faster
+# channels_last (bench/results/levers.md). On an AMX Xeon GN is faster channels_last in
+# float32 (bench/results/precision.md): hence the per-CPU trial.
 NORMS: dict[str, Norm] = {
     n.name: n
     for n in (

@@ -2,9 +2,11 @@
 after every epoch (`save_run`) and continued from its checkpoint (`restore_run`).
 
 The checkpoint holds what cannot be derived from the run description: weights and buffers,
-momentum buffers and RNG states. Resuming rebuilds everything else (the one-cycle schedule
-from the config and the epoch count), so an interrupted run continues to exactly the
-weights an uninterrupted run would reach (on the CPU, same seed and thread count). With
+momentum buffers and RNG states (with --ema, the file's model is the weights' average and
+the live weights travel beside it: normcli.ema). Resuming rebuilds everything else (the
+one-cycle schedule from the config and the epoch count), so an interrupted run continues to
+exactly the weights an uninterrupted run would reach (on the CPU, same seed and thread
+count). With
 several processes rank 0 writes, after gathering every process's RNG states; the
 checkpoint is an ordinary one-process model. The training loop: normcli.train.
 """
@@ -12,11 +14,13 @@ checkpoint is an ordinary one-process model. The training loop: normcli.train.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from normcli.checkpoint import (
     Checkpoint,
@@ -27,6 +31,8 @@ from normcli.checkpoint import (
 )
 from normcli.config import RunSpec, TrainArgs
 from normcli.data import Augment, Dataset, Split, get_dataset, load_split
+from normcli.ema import live_tensors, weight_average
+from normcli.ema import restore as restore_average
 from normcli.errors import NormcliError
 from normcli.machine import describe_machine
 from normcli.parallel import (
@@ -36,9 +42,11 @@ from normcli.parallel import (
     current_world,
     gather_to_main,
     local_main_first,
+    share_from_main,
     wrap_ddp,
 )
 from normcli.runtime import interrupts_held, resolve_device
+from normcli.tuning import choose, settle
 
 
 @dataclass
@@ -60,6 +68,12 @@ class Run:
     world: World = field(default_factory=World)  # this process among the run's processes
     ddp: nn.Module | None = None  # with several processes: DDP around `model`, for training
     saved_epochs: int = 0  # epochs in the checkpoint last written (or resumed from)
+    ema: AveragedModel | None = None  # with --ema: the weights' average, evaluated and saved
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network that is evaluated and saved: the weights' average with --ema."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def steps_per_epoch(self) -> int:
@@ -117,34 +131,17 @@ def new_run(
     world: World | None = None,
 ) -> Run:
     """A fresh run of `spec` (resolved) on splits already in memory: holds out the validation
-    images, moves the data to `device`, seeds and builds the network, optimizer and schedule.
-    With several processes (`world`, default: the initialized process group's) every one
-    calls this: BatchNorm is synchronized when the spec says so and DDP wraps the network."""
-    m, t = spec.model, spec.train
+    images, decides the precision and layout (normcli.tuning), moves the data to `device`,
+    seeds and builds the network, optimizer and schedule. With several processes (`world`,
+    default: the initialized process group's) every one calls this: BatchNorm is
+    synchronized when the spec says so and DDP wraps the network."""
+    t = spec.train
     world = world or current_world()
-    if t.world_size != world.size:
-        raise NormcliError(
-            f"world_size {t.world_size}: this run has {world.size} "
-            f"process{'es' if world.size != 1 else ''}"
-        )
-    dataset = get_dataset(m.dataset)
-    train_split, val_split = hold_out(train_split, t.val, t.seed)
-    last = len(train_split) % t.batch_size
-    if 0 < last < world.size:
-        raise NormcliError(
-            f"the last batch of every epoch holds {last} of {len(train_split)} training images, "
-            f"fewer than the {world.size} processes; change batch_size, limit or val"
-        )
-    torch.manual_seed(t.seed)  # weight init and dropout
-    model = m.build()
-    if t.sync_bn and world.size > 1:
-        model = convert_sync_batchnorm(model, device)
-    model = model.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if world.rank:  # the same weights everywhere, dropout masks of each process's own
-        torch.manual_seed((t.seed + world.rank) % 2**63)
+    train_split, val_split = _training_splits(spec, train_split, world)
+    spec = _settled(spec, device, world)
+    model = _network(spec, device, world)
     optimizer, scheduler = _optimizer(model, t, -(-len(train_split) // t.batch_size))
+    dataset = get_dataset(spec.model.dataset)
     return Run(
         spec=spec,
         dataset=dataset,
@@ -158,8 +155,52 @@ def new_run(
         scheduler=scheduler,
         generator=torch.Generator(device=device).manual_seed(t.seed),
         world=world,
-        ddp=wrap_ddp(model, device) if world.size > 1 else None,
+        ema=weight_average(model, t.ema) if t.ema else None,  # a copy of the bare network,
+        ddp=wrap_ddp(model, device) if world.size > 1 else None,  # before DDP's hooks
     )
+
+
+def _training_splits(spec: RunSpec, split: Split, world: World) -> tuple[Split, Split | None]:
+    """(training, validation) splits of `spec`, checked against the run's processes."""
+    t = spec.train
+    if t.world_size != world.size:
+        raise NormcliError(
+            f"world_size {t.world_size}: this run has {world.size} "
+            f"process{'es' if world.size != 1 else ''}"
+        )
+    train_split, val_split = hold_out(split, t.val, t.seed)
+    last = len(train_split) % t.batch_size
+    if 0 < last < world.size:
+        raise NormcliError(
+            f"the last batch of every epoch holds {last} of {len(train_split)} training images, "
+            f"fewer than the {world.size} processes; change batch_size, limit or val"
+        )
+    return train_split, val_split
+
+
+def _settled(spec: RunSpec, device: torch.device, world: World) -> RunSpec:
+    """`spec` with its precision and layout decided for this device (normcli.tuning): by rank 0,
+    for every process of the run alike."""
+    choice = choose(spec, device) if world.main else None
+    if world.size > 1:
+        choice = share_from_main(choice) or choose(spec, device, measure=False)
+    return settle(spec, choice)
+
+
+def _network(spec: RunSpec, device: torch.device, world: World) -> nn.Module:
+    """The seeded network of `spec` (settled) on `device`, in its layout; then this process's
+    own seed for dropout."""
+    m, t = spec.model, spec.train
+    torch.manual_seed(t.seed)  # weight init and dropout
+    model = m.build()
+    if t.sync_bn and world.size > 1:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world.rank:  # the same weights everywhere, dropout masks of each process's own
+        torch.manual_seed((t.seed + world.rank) % 2**63)
+    return model
 
 
 def _optimizer(
@@ -231,6 +272,8 @@ def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
         for name, value in buffers.items()
         if isinstance(value, torch.Tensor)
     }
+    if run.ema is not None:  # the file's model is the average; resuming needs the live weights
+        extra.update(live_tensors(run.model))
     extra.update(_rng_states())
     extra["rng.data"] = run.generator.get_state()
     if run.world.size > 1:  # every process's dropout stream: rng.torch.<rank>, rng.cuda.<rank>
@@ -239,7 +282,7 @@ def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
                 extra.update({f"{key}.{rank}": value for key, value in states.items()})
     with interrupts_held():  # the file and the count of saved epochs change together
         if run.world.main:
-            save_checkpoint(path, run.model, checkpoint_meta(run), extra)
+            save_checkpoint(path, run.evaluated, checkpoint_meta(run), extra)
             run.saved_epochs = run.epoch
     barrier()
     run.saved_epochs = run.epoch  # every process: rank 0 has written it
@@ -288,12 +331,22 @@ def restore_run(run: Run, ckpt: Checkpoint) -> None:
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise NormcliError(f"{where}: resume state is unusable (RNG state: {reason})") from None
-    run.model.load_state_dict(ckpt.model.state_dict())
+    _load_weights(run, ckpt, epoch * steps, bad)
     for i, buffer in momentum.items():
         run.optimizer.state[params[i]]["momentum_buffer"] = buffer.to(params[i].device).clone()
     _advance_schedule(run.scheduler, epoch * steps)
     run.history = list(ckpt.meta.history)
     run.saved_epochs = epoch
+
+
+def _load_weights(run: Run, ckpt: Checkpoint, steps: int, bad: Callable[[str], Exception]) -> None:
+    """The checkpoint's weights into the run: its model, or with --ema its live weights into
+    the trained network and its model into the average (of `steps` updates)."""
+    if run.ema is None:
+        run.model.load_state_dict(ckpt.model.state_dict())
+    elif problem := restore_average(run.ema, run.model, ckpt.model.state_dict(), ckpt.extra,
+                                    steps):  # fmt: skip
+        raise bad(problem)
 
 
 def check_world_size(meta: CheckpointMeta, where: object, processes: int) -> None:

@@ -1,4 +1,5 @@
-"""How a normcli process runs: exit codes, signals, the standard streams, threads, device.
+"""How a normcli process runs: exit codes, signals, the standard streams, threads (and
+OpenMP's spin, per situation), device.
 
 A leaf: it imports nothing from normcli but the error type, and torch only inside the
 functions that need it, so that the entry point (normcli.entry) can set all of this up
@@ -29,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,7 @@ TERMINATED = 128 + signal.SIGTERM  # 143
 BROKEN_PIPE = 128 + signal.SIGPIPE  # 141
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill`, Slurm, a launcher
 STDOUT_ERRORS = "normcli.stdout"
-SPIN_COUNT = "1000"  # OpenMP idle spin before sleeping: see configure_threads
+SPIN_COUNT = "1000"  # GOMP_SPINCOUNT of a packed run: see SPIN_SETTINGS
 
 
 class Terminated(KeyboardInterrupt):
@@ -197,19 +198,85 @@ def release_stdout() -> None:
         sys.stdout = None  # type: ignore[assignment]
 
 
-def configure_threads() -> None:
-    """Idle OpenMP threads spin briefly, then sleep: GOMP_SPINCOUNT=1000 (libgomp, what
-    torch's Linux wheels use; libgomp's own default is 300,000 spins, PASSIVE is 0), unless
-    the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT.
+# OpenMP's idle spin, per situation (measured: bench/results/threads_per_run.md,
+# bench/results/precision.md). A lone run, one training with the machine's cores to itself,
+# keeps libgomp's own default (GOMP_SPINCOUNT 300,000): its threads wake at once between the
+# many small kernels of a small CNN; the short spin cost such a run 16% on an AMX Xeon. A
+# packed run, several trainings sharing the cores, takes the short spin, SPIN_COUNT: long
+# spinning starves the others (two 2-thread MNIST trainings on 2 cores: 71-157 img/s each
+# against about 2,600). Packed means: the sweep command and its workers; `train --nproc N`
+# (N > 1) and the processes a launcher started (WORLD_SIZE > 1); fewer threads than usable
+# cores, from --threads or OMP_NUM_THREADS (others are expected to run beside). Whatever the
+# user set (SPIN_SETTINGS) is left as it is.
+SPIN_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
-    Must run before torch loads its OpenMP runtime, which reads them once. Long spinning
-    starves other processes on the same cores (two 2-thread MNIST trainings at once on 2
-    cores: 71-157 img/s each, against about 2,600 without spinning); no spinning makes one
-    MNIST training alone slower on 2 threads than on 1 (2,749 against 3,612 img/s), as its
-    threads sleep and wake between small kernels. A short spin keeps most of both:
-    bench/results/threads_per_run.md."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+def _argv_option(argv: Sequence[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in argv (the last one given), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
+def _count(text: str | None) -> int | None:
+    return int(text) if text is not None and text.strip().isdigit() else None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def is_packed(argv: Sequence[str], environ: Mapping[str, str], cores: int) -> bool:
+    """Whether the process (the command line `argv` after the program name) shares the cores
+    with other trainings: see SPIN_SETTINGS's comment."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command == "sweep":  # its workers train side by side
+        return True
+    nproc = _count(_argv_option(argv, "--nproc"))
+    if (nproc or 1) > 1 or (_count(environ.get("WORLD_SIZE")) or 1) > 1:
+        return True
+    threads = _count(_argv_option(argv, "--threads")) or _count(environ.get("OMP_NUM_THREADS"))
+    return threads is not None and threads < cores
+
+
+def spin_count(argv: Sequence[str], environ: Mapping[str, str], cores: int) -> str | None:
+    """The GOMP_SPINCOUNT to set for this situation; None: leave the environment alone (a lone
+    run keeps libgomp's default, and a user's own setting stays)."""
+    if any(k in environ for k in SPIN_SETTINGS):
+        return None
+    return SPIN_COUNT if is_packed(argv, environ, cores) else None
+
+
+def describe_spin(environ: Mapping[str, str]) -> str:
+    """The spin policy `environ` gives OpenMP, in words (for reports)."""
+    chosen = [f"{k}={environ[k]}" for k in SPIN_SETTINGS if environ.get(k)]
+    return ", ".join(chosen) or "libgomp's default spin (GOMP_SPINCOUNT 300,000)"
+
+
+def configure_threads(packed: bool | None = None) -> None:
+    """Set OpenMP's idle spin for this process's situation (see SPIN_SETTINGS): the short
+    spin, GOMP_SPINCOUNT=1000, for a packed run (several trainings sharing the cores),
+    libgomp's default for a lone one; `packed` None: judged from sys.argv and the
+    environment. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept.
+
+    Must run before torch loads its OpenMP runtime (libgomp, what torch's Linux wheels use),
+    which reads the setting once: hence in the entry point, before the CLI's imports, and
+    not measured per run (bench/results/precision.md, bench/results/threads_per_run.md)."""
+    if any(k in os.environ for k in SPIN_SETTINGS):
+        return
+    if packed is None:
+        count = spin_count(sys.argv[1:], os.environ, usable_cores())
+    else:
+        count = SPIN_COUNT if packed else None
+    if count is not None:
+        os.environ["GOMP_SPINCOUNT"] = count
 
 
 @contextlib.contextmanager
@@ -260,8 +327,7 @@ def default_threads(world_size: int) -> int:
     if world_size == 1:
         return torch.get_num_threads()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(local, 1))
+    return max(1, usable_cores() // max(local, 1))
 
 
 def resolve_device(device: str) -> torch.device:

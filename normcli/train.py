@@ -51,6 +51,7 @@ from normcli.parallel import (
 )
 from normcli.run import Run, check_world_size, save_run, start_run
 from normcli.runtime import INTERRUPTED, resolve_device, use_threads
+from normcli.tuning import autocast
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -104,8 +105,10 @@ def train_epoch(run: Run, reporter: Reporter | None = None) -> tuple[float, floa
         shard=(world.rank, world.size) if world.size > 1 else None,
     )  # fmt: skip
     for i, (x, y) in enumerate(stream):
-        logits = net(x.contiguous(memory_format=run.memory_format))
-        loss = F.cross_entropy(logits, y)
+        # bf16: autocast around the forward pass and the loss (evaluation stays fp32).
+        with autocast(t.precision, run.device):
+            logits = net(x.contiguous(memory_format=run.memory_format))
+            loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
         objective = loss
         if world.size > 1:
             # DDP averages the processes' gradients; weighting each mean loss by the share of
@@ -120,6 +123,8 @@ def train_epoch(run: Run, reporter: Reporter | None = None) -> tuple[float, floa
         objective.backward()
         optimizer.step()
         scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(model)
         # Accumulate on the device: no host sync per step.
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
@@ -155,8 +160,8 @@ def _check_finite(run: Run, loss: float) -> None:
 
 
 def evaluate_run(run: Run) -> Metrics:
-    """Test-set metrics of the run's network as it is now."""
-    return evaluate(run.model, run.test_split, run.dataset)
+    """Test-set metrics of the run's network as it is now (the weights' average with --ema)."""
+    return evaluate(run.evaluated, run.test_split, run.dataset)
 
 
 def run_epoch(run: Run, reporter: Reporter | None = None) -> EpochRecord:
@@ -167,6 +172,8 @@ def run_epoch(run: Run, reporter: Reporter | None = None) -> EpochRecord:
     train_loss, train_acc = train_epoch(run, reporter)
     seconds = time.perf_counter() - start
     average_running_stats(run.model)  # one set of BatchNorm statistics for every process
+    if run.ema is not None:
+        average_running_stats(run.ema.module)
     row = _evaluated_row(run, train_loss, train_acc, seconds) if run.world.main else None
     run.history.append(share_from_main(row))  # evaluated once, by rank 0
     return run.history[-1]
@@ -176,7 +183,7 @@ def _evaluated_row(run: Run, train_loss: float, train_acc: float, seconds: float
     """The epoch's history row: its training numbers and a fresh evaluation."""
     test = evaluate_run(run)
     if run.val_split is not None:
-        val = evaluate(run.model, run.val_split, run.dataset)
+        val = evaluate(run.evaluated, run.val_split, run.dataset)
     row = EpochRecord(
         epoch=run.epoch + 1,
         train_loss=train_loss,

@@ -18,6 +18,11 @@ from normcli.data import write_synthetic
 TINY_TRAIN = 200
 TINY_TEST = 100
 
+# No timed trial of precision and layout when a run starts (normcli.tuning): runs here and in
+# the processes they start decide by the CPU's flags and the norm's record alone, the same
+# every time, and leave the user's cache alone.
+os.environ.setdefault("NORMCLI_TUNE", "0")
+
 # Any download attempt fails at once (connection refused), never reaches the network.
 OFFLINE = {
     "http_proxy": "http://127.0.0.1:9",

@@ -61,6 +61,14 @@ def eval_(
         ),
     ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="With --group-by: CSV on stdout.")] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Also evaluate with test-time augmentation (logits averaged over the image "
+            "and its flip for CIFAR, one-pixel shifts for MNIST), reported apart as TTA.",
+        ),
+    ] = False,
 ) -> None:
     """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix; with
     --group-by, statistics over seeds. Arguments may be folders (a sweep's checkpoints)."""
@@ -68,11 +76,13 @@ def eval_(
     from normcli.console import markdown_table, show_comparison, show_report
 
     checkpoints = find_checkpoints(checkpoints)
+    if group_by is not None and tta:
+        raise NormcliError("--tta evaluates the checkpoints; --group-by reads their stored metrics")
     if group_by is not None:
         _show_groups(checkpoints, group_by, json_, markdown, csv)
         return
     reports, ckpts = _evaluate(
-        checkpoints, data_dir, limit, batch_size, device, confusion, overwrite
+        checkpoints, data_dir, limit, batch_size, device, confusion, overwrite, tta
     )
     if json_:
         print_json([r.to_dict() for r in reports])
@@ -86,9 +96,11 @@ def eval_(
 
 def _evaluate(
     checkpoints: list[Path], data_dir: Path | None, limit: int | None, batch_size: int,
-    device: Device, confusion: str | None, overwrite: bool,
+    device: Device, confusion: str | None, overwrite: bool, tta: bool,
 ) -> tuple[list, list]:  # fmt: skip
-    """(reports, checkpoints): every checkpoint evaluated, its confusion figure written."""
+    """(reports, checkpoints): every checkpoint evaluated (`tta`: also by test-time
+    augmentation), its confusion figure written."""
+    from normcli import tta as protocol
     from normcli.checkpoint import load_checkpoint
     from normcli.console import step_progress
     from normcli.evaluate import report, test_splits
@@ -105,7 +117,8 @@ def _evaluate(
     with step_progress("evaluating", len(ckpts)) as advance:
         for ckpt in ckpts:
             advance(ckpt.path.name)
-            reports.append(report(ckpt, splits[ckpt.meta.dataset], batch_size))
+            evaluated = protocol.report if tta else report
+            reports.append(evaluated(ckpt, splits[ckpt.meta.dataset], batch_size))
     if confusion is not None:
         _write_confusion(ckpts, reports, plan)
     return reports, ckpts

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from normcli.errors import NormcliError
+from normcli.runtime import configure_threads
 from normcli.sweep.cluster import check_feasible, cluster_slots, import_ray, one_line, ray_session
 from normcli.sweep.grid import Point
 from normcli.sweep.manifest import (
@@ -65,6 +66,7 @@ def _run_point(task: Task, options: dict, output: str, cpus_per_run: int, driver
     # in this reused worker; one thread per reserved CPU stops runs fighting over cores.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(cpus_per_run)
+    configure_threads(packed=True)  # runs side by side: OpenMP's short spin
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(cpus_per_run)
     attempt = _attempt_number()

@@ -49,13 +49,18 @@ def test_quick_markdown_names_machine_and_command(quick_report: tuple[dict, str]
 
 
 def test_each_pipeline_runs_under_its_own_openmp_policy(quick_report: tuple[dict, str]) -> None:
-    """A under normcli's short spin (set before torch loads), B in its own process under
-    libgomp's default spin, as a notebook runs; `--reference-spin same` puts B back in."""
+    """A under normcli's policy for a lone run (libgomp's default spin: normcli.runtime), B in
+    its own process under libgomp's default spin, as a notebook runs; `--reference-spin same`
+    puts B back in. A's precision and layout are normcli.tuning's choice, named."""
     report, page = quick_report
-    assert report["machine"]["GOMP_SPINCOUNT"] == "1000"
+    assert report["machine"]["GOMP_SPINCOUNT"] is None
     assert report["settings"]["reference_openmp"] == "own process, GOMP_SPINCOUNT=300000"
-    assert "OpenMP GOMP_SPINCOUNT=1000;" in page  # this process's, A's
+    assert "OpenMP libgomp's default (300,000 spins);" in page  # this process's, A's
     assert "reference_openmp own process, GOMP_SPINCOUNT=300000" in page
+    assert report["results"][0]["precision"] in ("fp32", "bf16")
+    layout = "contiguous" if not report["results"][0]["channels_last"] else "channels_last"
+    assert "A's precision and layout (normcli.tuning; B: fp32, contiguous): mnist " in page
+    assert f"mnist {report['results'][0]['precision']}, {layout}; cifar10 " in page
     result = run_bench("--quick", "--reference-spin", "same", "--json", "-")
     assert result.returncode == 0, result.stderr
     same = json.loads(result.stdout)

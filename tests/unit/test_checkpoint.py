@@ -18,6 +18,7 @@ from normcli.config import RunSpec
 from normcli.data import get_dataset
 from normcli.errors import NormcliError
 from normcli.models import build_model, get_model_info
+from normcli.tuning import choose, settle
 
 
 def _history(epochs: int) -> list[dict[str, float]]:
@@ -45,6 +46,7 @@ def _meta(
         dataset=dataset, model=name, norm=norm, groups=groups, ws=ws, dropout=dropout,
         l1=1e-4, seed=7, epochs=3,
     ).resolve()  # fmt: skip
+    run = settle(run, choose(run, torch.device("cpu"), measure=False))  # as a run records it
     return CheckpointMeta(
         model_args=run.model,
         train_args=run.train,

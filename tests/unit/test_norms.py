@@ -172,12 +172,17 @@ def test_weight_standardization_defaults_per_norm() -> None:
 
 
 def test_training_layout_defaults_per_norm() -> None:
-    """GroupNorm trains contiguous (its channels_last CPU kernels are slower); the others
-    channels_last; an explicit choice wins."""
+    """Without a timed trial (normcli.tuning), GroupNorm trains contiguous (its channels_last
+    kernels were the slower ones on an AMD EPYC); the others channels_last; an explicit
+    choice wins. Resolving leaves the choice to the run's start."""
     from normcli.config import RunSpec
+    from normcli.tuning import choose
 
     def layout(**options: object) -> bool | None:
-        return RunSpec.from_options(dataset="mnist", **options).resolve().train.channels_last
+        spec = RunSpec.from_options(dataset="mnist", **options).resolve()
+        return choose(spec, torch.device("cpu"), measure=False).channels_last
+
+    assert RunSpec.from_options(norm="gn").resolve().train.channels_last is None
 
     assert {n: layout(norm=n) for n in ("bn", "gn", "ln")} == {"bn": True, "gn": False, "ln": True}
     assert layout(norm="gn", channels_last=True) is True
