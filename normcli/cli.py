@@ -93,6 +93,14 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(help="Registry name (see `normcli summary --list`).", show_default=False),
 ]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="KEY=VALUE: only the runs with this option value, e.g. epochs=15 (repeatable; "
+        "KEY=A,B for either value).",
+        show_default=False,
+    ),
+]
 
 
 def _print_version(value: bool) -> None:
@@ -404,17 +412,21 @@ def eval_(
             show_default=False,
         ),
     ] = None,
-    csv: Annotated[bool, typer.Option("--csv", help="With --group-by: CSV on stdout.")] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
+    where: WhereOpt = None,
 ) -> None:
     """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix; with
     --group-by, statistics over seeds. Arguments may be folders (a sweep's checkpoints)."""
     from normcli.checkpoint import find_checkpoints, load_checkpoint
-    from normcli.console import markdown_table, show_comparison, show_report, step_progress
+    from normcli.console import step_progress
     from normcli.evaluate import report, test_splits
     from normcli.outputs import plan_outputs
+    from normcli.study import select_runs
     from normcli.train import resolve_device
 
-    checkpoints = find_checkpoints(checkpoints)
+    if json_ + markdown + csv > 1:
+        raise NormcliError("give one of --json, --markdown, --csv")
+    checkpoints = select_runs(find_checkpoints(checkpoints), where or [])
     if group_by is not None:
         _show_groups(checkpoints, group_by, json_, markdown, csv)
         return
@@ -438,12 +450,28 @@ def eval_(
                 figure = confusion_figure(rep.metrics.confusion, ckpt.meta.class_names, title)
                 save_figure(figure, path)
                 print(path)
+    _show_reports(reports, ckpts[0].meta.class_names, json_, markdown, csv)
+
+
+def _show_reports(
+    reports: list, class_names: list[str], json_: bool, markdown: bool, csv: bool
+) -> None:
+    from normcli.console import (
+        comparison_rows,
+        markdown_table,
+        show_comparison,
+        show_report,
+        to_csv,
+    )
+
     if json_:
         _print_json([r.to_dict() for r in reports])
     elif markdown:
         print(markdown_table(reports))
+    elif csv:
+        print(to_csv(*comparison_rows(reports)), end="")
     elif len(reports) == 1:
-        show_report(reports[0], ckpts[0].meta.class_names)
+        show_report(reports[0], class_names)
     else:
         show_comparison(reports)
 
@@ -452,10 +480,11 @@ def _show_groups(
     checkpoints: list[Path], group_by: str, json_: bool, markdown: bool, csv: bool
 ) -> None:
     from normcli.console import flat_rows, group_rows, print_table, to_csv, to_markdown
-    from normcli.study import study_table
+    from normcli.study import parse_keys, study_table
 
-    keys = [k.strip() for k in group_by.split(",") if k.strip()]
-    rows = study_table(checkpoints, keys)
+    study = study_table(checkpoints, parse_keys(group_by))
+    _warn_study(study)
+    keys, rows = study.keys, study.rows
     if json_:
         _print_json(rows)
         return
@@ -467,6 +496,14 @@ def _show_groups(
         print(to_markdown(columns, cells))
     else:
         print_table(f"{len(checkpoints)} runs by {', '.join(keys)}", columns, cells)
+
+
+def _warn_study(study: Any) -> None:
+    """The study's notes as warnings: options that split the groups, runs left out."""
+    if study.split_by:
+        _warn(f"{study.describe_split()}; to keep some, e.g. --where {study.example()}")
+    for note in study.notes:
+        _warn(note)
 
 
 @app.command()
@@ -576,21 +613,32 @@ def plot(
                      show_default=False),
     ] = None,
     y: Annotated[
-        str, typer.Option(help="Study plot: final metric (test_accuracy, test_error, ...).")
-    ] = "test_accuracy",
+        str | None,
+        typer.Option(
+            help="Study plot: final metric (test_accuracy, test_error, ...). "
+            "Default: test_accuracy.",
+            show_default=False,
+        ),
+    ] = None,
     hue: Annotated[
         str | None,
         typer.Option(help="Study plot: one line per value of this option.", show_default=False),
     ] = None,
+    where: WhereOpt = None,
 ) -> None:
     """Training curves of several runs on the same axes, from their stored histories; with
     --x, a study plot: a final metric against a run option, mean ± std over seeds."""
     from normcli.checkpoint import find_checkpoints, read_metadata
+    from normcli.study import select_runs
 
-    checkpoints = find_checkpoints(checkpoints)
+    if x is None and (y or hue):
+        raise NormcliError(f"{'--y' if y else '--hue'} is for a study plot: give --x too")
+    if x is not None and metric:
+        raise NormcliError("--metric draws training curves; a study plot (--x) draws --y")
+    checkpoints = select_runs(find_checkpoints(checkpoints), where or [])
     metas = [read_metadata(p) for p in checkpoints]
     if x is not None:
-        _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
+        _study_plot(checkpoints, metas, x, y or "test_accuracy", hue, out, fmt, title, overwrite)
         return
     _curves_plot(checkpoints, metas, metric, out, fmt, title, overwrite)
 
@@ -648,15 +696,17 @@ def _study_plot(
 ) -> None:  # fmt: skip
     from normcli.outputs import image_format, plan_outputs
     from normcli.plots import default_title, save_figure, study_figure
-    from normcli.study import aggregate, checkpoint_records
+    from normcli.study import checkpoint_records, group_runs
 
     suffix = fmt.value if fmt else "png"
     default = checkpoints[0].parent / f"{y}_by_{x}{f'_{hue}' if hue else ''}.{suffix}"
     plan = plan_outputs(out, [default], overwrite)
     image = image_format(plan.paths[0]) or suffix
     records = checkpoint_records(checkpoints)
-    rows = aggregate(records, [hue, x] if hue else [x], [y])
-    fig = study_figure(rows, records, x, y, hue, title or default_title(metas))
+    study = group_runs(records, [hue, x] if hue else [x], [y])
+    _warn_study(study)
+    hues = [k for k in study.keys if k != x]  # one line per value of hue and of each split
+    fig = study_figure(study.rows, records, x, y, hues, title or default_title(metas))
     with plan.claim() as [path]:
         save_figure(fig, path, image)
         print(path)
@@ -668,14 +718,17 @@ def history(
     json_: JsonOpt = False,
 ) -> None:
     """Per-epoch history of runs as CSV on stdout (one row per run and epoch), or --json."""
-    from normcli.checkpoint import find_checkpoints, history_records
+    from normcli.checkpoint import find_checkpoints, history_columns, history_records
     from normcli.console import to_csv
 
-    rows = history_records(find_checkpoints(checkpoints))
+    paths = find_checkpoints(checkpoints)
+    rows = history_records(paths)
+    for empty in sorted({str(p) for p in paths} - {row["path"] for row in rows}):
+        _warn(f"{empty}: no epochs recorded")
     if json_:
         _print_json(rows)
         return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = history_columns()
     cells = [["" if row.get(c) is None else row.get(c) for c in columns] for row in rows]
     print(to_csv(columns, cells), end="")
 
@@ -703,14 +756,23 @@ def sweep(
     """Train the product of comma-separated run options (e.g. --norm bn,gn --seed 1,2,3), as
     Ray tasks; prints the sweep folder. Re-running resumes; see `eval --group-by`."""
     from normcli.console import SweepProgress
-    from normcli.sweep import import_ray, open_sweep, run_sweep, train_point
+    from normcli.sweep import (
+        check_point_output,
+        import_ray,
+        open_sweep,
+        point_identity,
+        run_sweep,
+        train_point,
+    )  # fmt: skip
 
     if device.value == "cuda" and gpus_per_run == 0:
         raise NormcliError("--device cuda needs --gpus-per-run (e.g. 0.25)")
     swept, fixed, points = sweep_grid(options, cpus_per_run)
     import_ray()  # without Ray: one line on how to install it, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    manifest, mode = open_sweep(out, swept, fixed, extend=extend)
+    manifest, mode = open_sweep(
+        out, swept, fixed, extend=extend, identity=point_identity, verify=check_point_output
+    )
     task = functools.partial(
         train_point, data_dir=None if data_dir is None else str(data_dir.resolve()),
         device=device.value,
