@@ -763,7 +763,7 @@ def sweep(
         point_identity,
         run_sweep,
         train_point,
-    )  # fmt: skip
+    )
 
     if device.value == "cuda" and gpus_per_run == 0:
         raise NormcliError("--device cuda needs --gpus-per-run (e.g. 0.25)")
