@@ -8,7 +8,9 @@ parse_math=False: a '$' in it is a dollar sign, never the start of mathtext.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +47,12 @@ DPI = 100
 CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.9  # inches, for misclassified grids
 
 
+def shown(text: str) -> str:
+    """`text` as matplotlib can draw it: lone surrogates (a file name's undecodable bytes,
+    or JSON's \\udXXX escapes), which its text engine refuses, become U+FFFD."""
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
 def save_figure(fig: Figure, path: Path, fmt: str | None = None) -> Path:
     """Save atomically in `fmt` (default: the path's suffix)."""
     fmt = (fmt or path.suffix.lstrip(".") or "png").lower()
@@ -69,18 +77,7 @@ def curves_figure(
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax, metric in zip(axes, metrics, strict=True):
         ylabel, name = METRICS[metric]
-        for i, (label, full) in enumerate(runs):
-            marker, linestyle = run_style(i)
-            history = [row for row in full if metric in row]  # val_*: only runs with --val
-            epochs = [int(row["epoch"]) for row in history]
-            ax.plot(
-                epochs,
-                [row[metric] for row in history],
-                marker=marker,
-                linestyle=linestyle,
-                ms=4,
-                label=label,
-            )
+        _draw_curves(ax, runs, metric)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -92,8 +89,25 @@ def curves_figure(
         for text in ax.legend().get_texts():
             text.set_parse_math(False)  # run labels are file names: '$' is a dollar sign
     if title:
-        fig.suptitle(title, parse_math=False)
+        fig.suptitle(shown(title), parse_math=False)
     return fig
+
+
+def _draw_curves(ax: Axes, runs: Sequence[tuple[str, list[dict[str, float]]]], metric: str) -> None:
+    """Every run's curve of `metric` (runs without it are skipped: val_* needs --val), in the
+    run's style; values too far out to draw leave a gap, and a note says how many."""
+    left_out = 0
+    for i, (label, full) in enumerate(runs):
+        marker, linestyle = run_style(i)
+        history = [row for row in full if metric in row]
+        values = [drawable(row[metric]) for row in history]
+        left_out += sum(math.isnan(v) for v in values)
+        ax.plot(
+            [int(row["epoch"]) for row in history], values,
+            marker=marker, linestyle=linestyle, ms=4, label=shown(label),
+        )  # fmt: skip
+    if left_out:
+        _note(ax, f"{left_out} value(s) beyond ±{DRAWABLE:g} left out", top=True)
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -109,16 +123,32 @@ def zoom_on_last_half(ax: Axes, histories: Sequence[list[dict[str, float]]], met
     """Fit the y-axis to the last half of every run's epochs (the plateau, where runs at
     99.4% and 99.6% differ); earlier points outside it run off the axes, and a note says so."""
     tail = [row[metric] for h in histories for row in h[len(h) // 2 :]]
+    tail = [v for v in tail if abs(v) <= DRAWABLE]
     if not tail:
         return
     pad = max((max(tail) - min(tail)) * 0.15, 0.05)
     low, high = min(tail) - pad, max(tail) + pad
     ax.set_ylim(low, high)
     if any(not low <= row[metric] <= high for h in histories for row in h):
-        ax.text(
-            0.01, 0.01, "zoomed on the last half of the epochs; earlier points lie outside",
-            transform=ax.transAxes, fontsize=7, color="0.4", va="bottom",
-        )  # fmt: skip
+        _note(ax, "zoomed on the last half of the epochs; earlier points lie outside")
+
+
+# Values farther from zero are not drawn: matplotlib's limits and ticks overflow near the
+# largest float (a diverged run's loss of 1e308 is finite, and valid in a history).
+DRAWABLE = 1e300
+
+
+def drawable(value: float) -> float:
+    """`value`, or NaN (a gap in the line) when it lies beyond ±DRAWABLE."""
+    return value if abs(value) <= DRAWABLE else math.nan
+
+
+def _note(ax: Axes, text: str, top: bool = False) -> None:
+    """A small grey note in a corner of the axes (bottom left, or top left)."""
+    ax.text(
+        0.01, 0.99 if top else 0.01, text, transform=ax.transAxes, fontsize=7, color="0.4",
+        va="top" if top else "bottom",
+    )  # fmt: skip
 
 
 def mixed_datasets_warning(metas: Sequence[CheckpointMeta]) -> str | None:
@@ -156,14 +186,13 @@ def misclassified_figure(
         else:
             ax.imshow(image.permute(1, 2, 0).numpy())
         ax.set_title(
-            f"#{m.index}\ntrue: {class_names[m.true]}\npred: {class_names[m.predicted]} "
-            f"({m.probability:.2f})",
+            shown(f"#{m.index}\ntrue: {class_names[m.true]}\npred: {class_names[m.predicted]} "
+                  f"({m.probability:.2f})"),
             fontsize=8,
             parse_math=False,  # class names are data, never math
         )
-    fig.suptitle(
-        title, fontsize=10, y=1 - 0.15 / (rows * CELL_HEIGHT + TITLE_HEIGHT), parse_math=False
-    )
+    top = 1 - 0.15 / (rows * CELL_HEIGHT + TITLE_HEIGHT)
+    fig.suptitle(shown(title), fontsize=10, y=top, parse_math=False)
     return fig
 
 
@@ -177,8 +206,9 @@ def confusion_figure(
     matrix = torch.tensor(confusion, dtype=torch.float)
     im = ax.imshow(matrix.numpy(), cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8, label="images")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right", parse_math=False)
-    ax.set_yticks(range(k), class_names, parse_math=False)
+    names = [shown(n) for n in class_names]
+    ax.set_xticks(range(k), names, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(range(k), names, parse_math=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     threshold = matrix.max().item() / 2
@@ -187,7 +217,7 @@ def confusion_figure(
             value = int(matrix[i, j])
             color = "white" if value > threshold else "black"
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
-    ax.set_title(title, parse_math=False)
+    ax.set_title(shown(title), parse_math=False)
     return fig
 
 
@@ -244,48 +274,89 @@ def study_figure(
     records: Sequence[dict],
     x: str,
     y: str,
-    hue: str | None = None,
+    hue: str | Sequence[str] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """A final metric against a run option: one line per `hue` value at the mean over seeds,
-    ±1 std error bars, and each run as a faint point. `rows` come from study.aggregate over
-    [hue, x] (or [x]); `records` are the runs themselves."""
+    """A final metric against a run option: one line per value of `hue` (one key or several)
+    at the mean over seeds, ±1 std error bars, and each run as a faint point. `rows` come from
+    study.aggregate over [*hue, x]; `records` are the runs themselves. An x option whose values
+    are not all numbers (limit: none, 500) is drawn as categories."""
+    hues = [hue] if isinstance(hue, str) else list(hue or ())
     fig = Figure(figsize=(7.2, 4.8), layout="constrained")
     ax = fig.subplots()
-    groups = list(dict.fromkeys(r[hue] for r in rows)) if hue else [None]
-    for i, group in enumerate(groups):
-        mine = [r for r in rows if hue is None or r[hue] == group]
-        runs = [r for r in records if (hue is None or r.get(hue) == group) and y in r]
-        _study_line(ax, i, f"{hue}={group}" if hue else y, mine, runs, x, y)
-    _study_axes(ax, rows, x, y, title)
+    where, numeric = _x_positions([r[x] for r in rows])
+
+    def line_of(r: dict) -> str:
+        return _key([r.get(k) for k in hues])
+
+    for i, line in enumerate(dict.fromkeys(map(line_of, rows))):
+        mine = [r for r in rows if line_of(r) == line]
+        runs = [r for r in records if line_of(r) == line and y in r]
+        label = ", ".join(f"{k}={_shown_value(mine[0][k])}" for k in hues) or y
+        _study_line(ax, i, label, mine, runs, lambda r: where[_key(r.get(x))], y)
+    _study_axes(ax, rows, x, y, title, where if not numeric else None)
     return fig
 
 
-def _study_axes(ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | None) -> None:
-    """Log2 x axis for options that double, labels, the title with the largest n, legend."""
-    if x in LOG2_OPTIONS:
+def _key(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _shown_value(value: object) -> str:
+    """An option value in a legend or tick label: none, true, 0.05, bn."""
+    return "none" if value is None else json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def _x_positions(values: Sequence[object]) -> tuple[dict[str, float], bool]:
+    """Where each x value goes (by its JSON key), and whether the axis is numeric: the value
+    itself when all are numbers, else 0, 1, 2, ... in the order given (categories)."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    distinct = {_key(v): v for v in values}
+    if numeric:
+        return dict(distinct), True  # type: ignore[arg-type]
+    return {k: float(i) for i, k in enumerate(distinct)}, False
+
+
+def _study_axes(
+    ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | None,
+    categories: dict[str, float] | None,
+) -> None:  # fmt: skip
+    """Log2 x axis for options that double, the categories' names as ticks, labels, the
+    title with the largest n, legend."""
+    if categories is not None:
+        names = {_key(r[x]): _shown_value(r[x]) for r in rows}
+        ax.set_xticks(list(categories.values()), [shown(names[k]) for k in categories])
+    elif x in LOG2_OPTIONS and all(r[x] > 0 for r in rows):
         ax.set_xscale("log", base=2)
-        values = sorted({r[x] for r in rows})
-        ax.set_xticks(values, [str(v) for v in values])
+        ticks = sorted({r[x] for r in rows})
+        ax.set_xticks(ticks, [str(v) for v in ticks])
     ax.set_xlabel(x)
     ax.set_ylabel(METRICS[y][0] if y in METRICS else y)
     n = max((r[y]["n"] for r in rows if r[y]), default=0)
     heading = (title + ": " if title else "") + f"{y} (mean ± std, up to n={n} per point)"
-    ax.set_title(heading, parse_math=False)
+    ax.set_title(shown(heading), parse_math=False)
     ax.grid(alpha=0.3)
     ax.legend()
 
 
 def _study_line(
-    ax: Axes, i: int, label: str, rows: Sequence[dict], runs: Sequence[dict], x: str, y: str
-) -> None:
-    """One group: its means with ±1 std error bars, and each run as a faint point."""
-    have = [r for r in rows if r[y] and r[y]["n"]]
+    ax: Axes, i: int, label: str, rows: Sequence[dict], runs: Sequence[dict],
+    at: Callable[[dict], float], y: str,
+) -> None:  # fmt: skip
+    """One group: its means with ±1 std error bars, and each run as a faint point (values
+    beyond ±DRAWABLE are left out)."""
+    have = [r for r in rows if r[y] and r[y]["n"] and abs(r[y]["mean"]) <= DRAWABLE]
     marker, linestyle = run_style(i)
     line = ax.errorbar(
-        [r[x] for r in have], [r[y]["mean"] for r in have],
-        yerr=[r[y]["std"] or 0.0 for r in have],
-        marker=marker, linestyle=linestyle, capsize=3, label=label,
+        [at(r) for r in have], [r[y]["mean"] for r in have],
+        yerr=[_error_bar(r[y]["std"]) for r in have],
+        marker=marker, linestyle=linestyle, capsize=3, label=shown(label),
     )  # fmt: skip
-    ax.scatter([r[x] for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
+    runs = [r for r in runs if abs(r[y]) <= DRAWABLE]
+    ax.scatter([at(r) for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
                color=line.lines[0].get_color())  # fmt: skip
+
+
+def _error_bar(std: float | None) -> float:
+    """The half-height of an error bar: the std, none for one run or a spread too wide to draw."""
+    return std if std is not None and std <= DRAWABLE else 0.0
