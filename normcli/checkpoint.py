@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -30,6 +31,7 @@ from normcli.data import DATASETS
 from normcli.errors import NormcliError
 from normcli.files import atomic_write
 from normcli.machine import MachineRecord
+from normcli.models import check_model_fits
 from normcli.schema import check_type, from_json
 
 FORMAT_VERSION = 2  # 2: the run described by model_args + train_args; 1: spread over keys
@@ -227,9 +229,18 @@ def _check_consistent(meta: CheckpointMeta, where: str) -> None:
     ]  # threads: unknown in old files; "auto" (precision): a file records what it trained in
     if unresolved:
         raise NormcliError(f"{where}: metadata leaves {unresolved[0]!r} unset")
+    _check_model_fits(meta, where)
     epochs = [row["epoch"] for row in meta.history]
     if epochs != list(range(1, len(epochs) + 1)):
         raise NormcliError(f"{where}: metadata 'history' epochs are not 1, 2, ...")
+
+
+def _check_model_fits(meta: CheckpointMeta, where: str) -> None:
+    """The model must take the dataset's images, or the first batch fails inside a conv."""
+    try:
+        check_model_fits(meta.model_args.model, meta.dataset)
+    except NormcliError as e:
+        raise NormcliError(f"{where}: metadata {e}") from None
 
 
 @dataclass
@@ -242,8 +253,9 @@ class Checkpoint:
     extra: dict[str, torch.Tensor]
 
 
-def _check_header(path: Path) -> None:
-    """Refuse files that cannot be safetensors before handing them to the parser."""
+def _check_header(path: Path) -> int:
+    """Refuse files that cannot be safetensors before handing them to the parser; returns
+    the length of the JSON header."""
     if not path.exists():
         raise NormcliError(f"{path}: no such file")
     if not path.is_file():
@@ -260,6 +272,7 @@ def _check_header(path: Path) -> None:
     (header_len,) = struct.unpack("<Q", head[:8])
     if header_len > MAX_HEADER_BYTES or header_len > size - 8 or head[8:9] != b"{":
         raise NormcliError(f"{path}: not a safetensors file (bad header)")
+    return header_len
 
 
 def read_file(
@@ -268,13 +281,15 @@ def read_file(
     """Raw metadata and tensors of a safetensors file, with clean errors."""
     path = Path(path)
     try:
-        _check_header(path)
+        header_len = _check_header(path)
+        # Read here, parsed from memory: safetensors opens only paths that are valid UTF-8,
+        # and a file name may be any bytes.
+        data = path.read_bytes()
     except (OSError, ValueError) as e:  # unreadable, or a name the OS refuses
         raise NormcliError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        tensors = load_safetensors(data)  # checks the header and every tensor's extent
+        raw = json.loads(data[8 : 8 + header_len]).get("__metadata__")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NormcliError(f"{path}: not a valid safetensors file ({reason})") from None
@@ -340,11 +355,15 @@ def save_checkpoint(
 
 def find_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """The checkpoints named: files as given, folders (a sweep, a study) as the *.safetensors
-    files directly inside them, sorted by name."""
+    files directly inside them, sorted by name. Hidden files are skipped, as `ls` does: macOS
+    leaves `._NAME` files of resource forks beside copied files, and normcli its temporary
+    `.NAME.*.tmp` files."""
     found: list[Path] = []
     for given in map(Path, paths):
         if given.is_dir():
-            inside = sorted(p for p in given.glob("*.safetensors") if p.is_file())
+            inside = sorted(
+                p for p in given.glob("*.safetensors") if p.is_file() and p.name[0] != "."
+            )
             if not inside:
                 raise NormcliError(f"{given}: no .safetensors checkpoints in this folder")
             found += inside
@@ -364,16 +383,3 @@ def _save_file(tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, s
         code = int(found.group(1))
         raise OSError(code, os.strerror(code)) from None
 
-
-def history_records(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """One record per run and epoch (like timm's summary.csv, for pandas or a spreadsheet):
-    the run's name, path and label, every run option, then the epoch's history row. The
-    option `lr` (the schedule's peak) is `peak_lr` here: `lr` is the epoch's rate."""
-    rows = []
-    for path in paths:
-        meta = read_metadata(path)
-        options = meta.run.options()
-        options["peak_lr"] = options.pop("lr")
-        run = {"run": Path(path).stem, "path": str(path), "label": meta.label, **options}
-        rows += [{**run, **{k: row.get(k) for k in HISTORY_KEYS}} for row in meta.history]
-    return rows

@@ -172,6 +172,20 @@ def markdown_table(reports: Sequence[CheckpointReport]) -> str:
     return to_markdown(columns, cells, right=columns[2:])
 
 
+def comparison_rows(reports: Sequence[CheckpointReport]) -> tuple[list[str], list[list[Any]]]:
+    """The comparison for spreadsheets (eval --csv): one row per checkpoint, plain numbers."""
+    columns = ["run", "path", "label", "params", "epochs", "best_accuracy", "final_accuracy",
+               "eval_accuracy", "wrong", "eval_loss", "seconds_per_epoch"]  # fmt: skip
+    cells = [
+        [r.name, r.path, r.label, r.params, r.epochs,
+         *("" if v is None else v for v in (r.best_accuracy, r.final_accuracy)),
+         r.metrics.accuracy, r.metrics.wrong, r.metrics.loss,
+         "" if r.seconds_per_epoch is None else r.seconds_per_epoch]
+        for r in reports
+    ]  # fmt: skip
+    return columns, cells
+
+
 def _fixed(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -271,11 +285,17 @@ def flat_rows(rows: Sequence[dict], keys: Sequence[str]) -> tuple[list[str], lis
 def to_markdown(
     columns: Sequence[str], cells: Sequence[Sequence[Any]], right: Collection[str] = ()
 ) -> str:
-    """A Markdown table; the columns named in `right` are right-aligned."""
+    """A Markdown table; the columns named in `right` are right-aligned. A '|' in a cell is
+    escaped and a line break becomes a space: a cell never splits its row."""
     rule = "".join(" ---: |" if c in right else " --- |" for c in columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + rule]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    lines = ["| " + " | ".join(map(_cell, columns)) + " |", "|" + rule]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """A value as the text of one Markdown table cell."""
+    return " ".join(str(value).replace("|", "\\|").splitlines())
 
 
 def to_csv(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
@@ -293,6 +313,7 @@ class SweepProgress:
 
     def __init__(self, manifest: dict, console: Console = stderr) -> None:
         points = manifest["points"]
+        self.points = points
         self.console = console
         self.total = len(points)
         self.done = sum(p["status"] == "done" for p in points)
@@ -318,6 +339,10 @@ class SweepProgress:
         )
         if self.done:
             self.console.print(f"{self.done} of {self.total} runs already done", highlight=False)
+        for point in self.points:  # a failed point's last error; why a done one runs again
+            if point["status"] != "done" and point["error"]:
+                line = f"again   {point['name']}: {point['error']}"
+                self.console.print(line, highlight=False, markup=False)
         return self
 
     def __exit__(self, *exc: object) -> None:

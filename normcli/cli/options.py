@@ -73,6 +73,14 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(help="Registry name (see `normcli summary --list`).", show_default=False),
 ]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="KEY=VALUE: only the runs with this option value, e.g. epochs=15 (repeatable; "
+        "KEY=A,B for either value).",
+        show_default=False,
+    ),
+]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing output files.")]
 EvalBatchOpt = Annotated[int, typer.Option(help="Images per forward pass.")]
 

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from normcli.checkpoint import HISTORY_KEYS
-from normcli.cli.options import CkptsArg, OverwriteOpt
-from normcli.cli.printing import warn
+from normcli.cli.options import CkptsArg, OverwriteOpt, WhereOpt
+from normcli.cli.printing import warn, warn_study
 from normcli.errors import NormcliError
 
 # The per-epoch metrics a curve can show: the history's keys (declared once, in
@@ -20,6 +20,32 @@ Metric = Enum(
     {k: k for k in HISTORY_KEYS if k not in ("epoch", "seconds", "images_per_second")},
     type=str,
 )
+
+
+LogOpt = Annotated[
+    list[Metric] | None,
+    typer.Option(
+        "--log", help="Log-scale y axis for this metric (repeatable), e.g. --log train_loss.",
+        show_default=False,
+    ),
+]
+XOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Study plot: run option on the x axis (e.g. batch_size).", show_default=False
+    ),
+]
+YOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Study plot: final metric (test_accuracy, test_error, ...). Default: test_accuracy.",
+        show_default=False,
+    ),
+]
+HueOpt = Annotated[
+    str | None,
+    typer.Option(help="Study plot: one line per value of this option.", show_default=False),
+]
 
 
 class Format(str, Enum):
@@ -54,38 +80,33 @@ def plot(
     ] = None,
     title: Annotated[str | None, typer.Option(help="Figure title.", show_default=False)] = None,
     overwrite: OverwriteOpt = False,
-    log: Annotated[
-        list[Metric] | None,
-        typer.Option(
-            "--log", help="Log-scale y axis for this metric (repeatable), e.g. --log train_loss.",
-            show_default=False,
-        ),
-    ] = None,
-    x: Annotated[
-        str | None,
-        typer.Option(
-            help="Study plot: run option on the x axis (e.g. batch_size).", show_default=False
-        ),
-    ] = None,
-    y: Annotated[
-        str, typer.Option(help="Study plot: final metric (test_accuracy, test_error, ...).")
-    ] = "test_accuracy",
-    hue: Annotated[
-        str | None,
-        typer.Option(help="Study plot: one line per value of this option.", show_default=False),
-    ] = None,
+    log: LogOpt = None,
+    x: XOpt = None,
+    y: YOpt = None,
+    hue: HueOpt = None,
+    where: WhereOpt = None,
 ) -> None:
     """Training curves of several runs on the same axes, from their stored histories; with
     --x, a study plot: a final metric against a run option, mean ± std over seeds."""
     from normcli.checkpoint import find_checkpoints, read_metadata
+    from normcli.study import select_runs
 
-    checkpoints = find_checkpoints(checkpoints)
+    _check_plot_kind(x, y, hue, metric)
+    checkpoints = select_runs(find_checkpoints(checkpoints), where or [])
     metas = [read_metadata(p) for p in checkpoints]
     if x is not None:
-        _study_plot(checkpoints, metas, x, y, hue, out, fmt, title, overwrite)
+        _study_plot(checkpoints, metas, x, y or "test_accuracy", hue, out, fmt, title, overwrite)
         return
     _curves_plot(checkpoints, metas, metric, out, fmt, title, overwrite,
                  [m.value for m in log or ()])  # fmt: skip
+
+
+def _check_plot_kind(x: str | None, y: str | None, hue: str | None, metric: list | None) -> None:
+    """Curves or a study plot: refuse the options of the other kind."""
+    if x is None and (y or hue):
+        raise NormcliError(f"{'--y' if y else '--hue'} is for a study plot: give --x too")
+    if x is not None and metric:
+        raise NormcliError("--metric draws training curves; a study plot (--x) draws --y")
 
 
 def _curves_plot(
@@ -141,15 +162,17 @@ def _study_plot(
 ) -> None:  # fmt: skip
     from normcli.outputs import image_format, plan_outputs
     from normcli.plots import default_title, save_figure, study_figure
-    from normcli.study import aggregate, checkpoint_records
+    from normcli.study import checkpoint_records, group_runs
 
     suffix = fmt.value if fmt else "png"
     default = checkpoints[0].parent / f"{y}_by_{x}{f'_{hue}' if hue else ''}.{suffix}"
     plan = plan_outputs(out, [default], overwrite)
     image = image_format(plan.paths[0]) or suffix
     records = checkpoint_records(checkpoints)
-    rows = aggregate(records, [hue, x] if hue else [x], [y])
-    fig = study_figure(rows, records, x, y, hue, title or default_title(metas))
+    study = group_runs(records, [hue, x] if hue else [x], [y])
+    warn_study(study)
+    hues = [k for k in study.keys if k != x]  # one line per value of hue and of each split
+    fig = study_figure(study.rows, records, x, y, hues, title or default_title(metas))
     with plan.claim() as [path]:
         save_figure(fig, path, image)
         print(path)

@@ -17,6 +17,14 @@ def warn(message: str) -> None:
     print(f"normcli: warning: {message}", file=sys.stderr)
 
 
+def warn_study(study: Any) -> None:
+    """The study's notes as warnings: options that split the groups, runs left out."""
+    if study.split_by:
+        warn(f"{study.describe_split()}; to keep some, e.g. --where {study.example()}")
+    for note in study.notes:
+        warn(note)
+
+
 def print_json(doc: Any) -> None:
     """One JSON document on stdout; a non-finite number is written as null (JSON has none)."""
     print(json.dumps(finite(doc), indent=2, allow_nan=False))

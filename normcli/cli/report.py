@@ -21,9 +21,10 @@ from normcli.cli.options import (
     Norm,
     NormOpt,
     OverwriteOpt,
+    WhereOpt,
     WsOpt,
 )
-from normcli.cli.printing import print_json
+from normcli.cli.printing import print_json, warn, warn_study
 from normcli.console import stderr
 from normcli.errors import NormcliError
 from normcli.evaluate import EVAL_BATCH_SIZE
@@ -60,7 +61,7 @@ def eval_(
             show_default=False,
         ),
     ] = None,
-    csv: Annotated[bool, typer.Option("--csv", help="With --group-by: CSV on stdout.")] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
     tta: Annotated[
         bool,
         typer.Option(
@@ -69,13 +70,16 @@ def eval_(
             "and its flip for CIFAR, one-pixel shifts for MNIST), reported apart as TTA.",
         ),
     ] = False,
+    where: WhereOpt = None,
 ) -> None:
     """Test loss/accuracy, wrong predictions, per-class accuracy and confusion matrix; with
     --group-by, statistics over seeds. Arguments may be folders (a sweep's checkpoints)."""
     from normcli.checkpoint import find_checkpoints
-    from normcli.console import markdown_table, show_comparison, show_report
+    from normcli.study import select_runs
 
-    checkpoints = find_checkpoints(checkpoints)
+    if json_ + markdown + csv > 1:
+        raise NormcliError("give one of --json, --markdown, --csv")
+    checkpoints = select_runs(find_checkpoints(checkpoints), where or [])
     if group_by is not None and tta:
         raise NormcliError("--tta evaluates the checkpoints; --group-by reads their stored metrics")
     if group_by is not None:
@@ -84,12 +88,28 @@ def eval_(
     reports, ckpts = _evaluate(
         checkpoints, data_dir, limit, batch_size, device, confusion, overwrite, tta
     )
+    _show_reports(reports, ckpts[0].meta.class_names, json_, markdown, csv)
+
+
+def _show_reports(
+    reports: list, class_names: list[str], json_: bool, markdown: bool, csv: bool
+) -> None:
+    from normcli.console import (
+        comparison_rows,
+        markdown_table,
+        show_comparison,
+        show_report,
+        to_csv,
+    )
+
     if json_:
         print_json([r.to_dict() for r in reports])
     elif markdown:
         print(markdown_table(reports))
+    elif csv:
+        print(to_csv(*comparison_rows(reports)), end="")
     elif len(reports) == 1:
-        show_report(reports[0], ckpts[0].meta.class_names)
+        show_report(reports[0], class_names)
     else:
         show_comparison(reports)
 
@@ -139,10 +159,11 @@ def _show_groups(
     checkpoints: list[Path], group_by: str, json_: bool, markdown: bool, csv: bool
 ) -> None:
     from normcli.console import flat_rows, group_rows, print_table, to_csv, to_markdown
-    from normcli.study import study_table
+    from normcli.study import parse_keys, study_table
 
-    keys = [k.strip() for k in group_by.split(",") if k.strip()]
-    rows = study_table(checkpoints, keys)
+    study = study_table(checkpoints, parse_keys(group_by))
+    warn_study(study)
+    keys, rows = study.keys, study.rows
     if json_:
         print_json(rows)
         return
@@ -243,14 +264,18 @@ def history(
     json_: JsonOpt = False,
 ) -> None:
     """Per-epoch history of runs as CSV on stdout (one row per run and epoch), or --json."""
-    from normcli.checkpoint import find_checkpoints, history_records
+    from normcli.checkpoint import find_checkpoints
     from normcli.console import to_csv
+    from normcli.history import history_columns, history_records
 
-    rows = history_records(find_checkpoints(checkpoints))
+    paths = find_checkpoints(checkpoints)
+    rows = history_records(paths)
+    for empty in sorted({str(p) for p in paths} - {row["path"] for row in rows}):
+        warn(f"{empty}: no epochs recorded")
     if json_:
         print_json(rows)
         return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = history_columns()
     cells = [["" if row.get(c) is None else row.get(c) for c in columns] for row in rows]
     print(to_csv(columns, cells), end="")
 

@@ -44,14 +44,23 @@ def sweep(
     """Train the product of comma-separated run options (e.g. --norm bn,gn --seed 1,2,3), as
     Ray tasks; prints the sweep folder. Re-running resumes; see `eval --group-by`."""
     from normcli.console import SweepProgress
-    from normcli.sweep import import_ray, open_sweep, run_sweep, train_point
+    from normcli.sweep import (
+        check_point_output,
+        import_ray,
+        open_sweep,
+        point_identity,
+        run_sweep,
+        train_point,
+    )
 
     if device.value == "cuda" and gpus_per_run == 0:
         raise NormcliError("--device cuda needs --gpus-per-run (e.g. 0.25)")
     swept, fixed, points = sweep_grid(options, cpus_per_run)
     import_ray()  # without Ray: one line on how to install it, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    manifest, mode = open_sweep(out, swept, fixed, extend=extend)
+    manifest, mode = open_sweep(
+        out, swept, fixed, extend=extend, identity=point_identity, verify=check_point_output
+    )
     task = functools.partial(
         train_point, data_dir=None if data_dir is None else str(data_dir.resolve()),
         device=device.value,

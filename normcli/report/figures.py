@@ -46,7 +46,7 @@ def to_svg(fig: Figure) -> str:
 
 def _history_rows(paths: Sequence[Path], keys: Sequence[str], metrics: Sequence[str]) -> list:
     """`aggregate` over every run's epochs, by the group keys and the epoch."""
-    from normcli.checkpoint import history_records
+    from normcli.history import history_records
     from normcli.study import aggregate
 
     records = history_records(paths)

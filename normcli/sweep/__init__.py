@@ -14,7 +14,11 @@ The pieces:
 - `engine`: `run_points` runs one Ray task per point, at most `workers` in flight, events
   reported from the driver; `run_sweep` runs a manifest's points not done yet and keeps it
   current. `cluster` starts a private Ray or joins a running cluster.
-- `task`: `train_point`, the task that trains one normcli run.
+- `task`: `train_point`, the task that trains one normcli run; `check_point_output`, which
+  `open_sweep` uses to verify each point's file before trusting the manifest (a done point
+  whose checkpoint is missing, truncated or unfinished runs again; a checkpoint of another
+  run is refused, never replaced); `point_identity`, by which an option spelled out at its
+  default is the same point as one left out.
 
 Where outputs go on a cluster: `task(options, output)` is called with `output` an absolute path
 in the sweep folder. On one machine the task simply writes there. On a cluster the sweep folder
@@ -46,15 +50,16 @@ from normcli.sweep.manifest import (
     open_sweep,
     records,
     update_point,
+    verify_outputs,
     write_manifest,
 )
-from normcli.sweep.task import train_point
+from normcli.sweep.task import check_point_output, examine_output, point_identity, train_point
 
 __all__ = [
     "DEFAULT_SUFFIX", "MANIFEST_FORMAT", "MANIFEST_NAME", "NEEDS_RAY", "STATUSES",
     "EventHandler", "Manifest", "Outcome", "Point", "PointEntry", "Task",
-    "compare_manifest", "create_manifest", "expand_grid", "format_value", "import_ray",
-    "load_manifest", "manifest_points", "new_manifest", "one_line", "open_sweep", "records",
-    "resolve_address", "run_points", "run_sweep", "save_payload", "train_point", "update_point",
-    "write_manifest",
+    "check_point_output", "compare_manifest", "create_manifest", "examine_output", "expand_grid",
+    "format_value", "import_ray", "load_manifest", "manifest_points", "new_manifest", "one_line",
+    "open_sweep", "point_identity", "records", "resolve_address", "run_points", "run_sweep",
+    "save_payload", "train_point", "update_point", "verify_outputs", "write_manifest",
 ]  # fmt: skip

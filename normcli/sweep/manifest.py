@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,6 +22,8 @@ from normcli.sweep.grid import Point, expand_grid, names
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 STATUSES = ("pending", "running", "done", "failed")
+MAX_MANIFEST_BYTES = 256 * 1024**2  # a point takes a few hundred bytes
+MAX_DEPTH = 32  # of nested lists and objects: a manifest has 4, an option value a few more
 DEFAULT_SUFFIX = ".safetensors"
 
 
@@ -124,20 +127,33 @@ def create_manifest(
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read and check FOLDER/manifest.json: NormcliError if missing, malformed or foreign."""
     path = Path(folder) / MANIFEST_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NormcliError(f"{path} not found: {folder} is not a sweep folder") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise NormcliError(f"cannot read {path}: {exc}") from None
+    text = _read_manifest(path, folder)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise NormcliError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except RecursionError:
+        raise NormcliError(f"{path} is not a normcli sweep manifest: nested too deeply") from None
     problem = _manifest_problem(data)
     if problem:
         raise NormcliError(f"{path} is not a normcli sweep manifest: {problem}")
     return data
+
+
+def _read_manifest(path: Path, folder: str | os.PathLike) -> str:
+    """The manifest's text; only a regular file of a sane size is read (a FIFO would block
+    the read forever, a device never end it)."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise NormcliError(f"{path} is not a regular file; a sweep manifest is one")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise NormcliError(f"{path}: {info.st_size} bytes, too large for a sweep manifest")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NormcliError(f"{path} not found: {folder} is not a sweep folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NormcliError(f"cannot read {path}: {exc}") from None
 
 
 def _manifest_problem(data: Any) -> str | None:
@@ -147,6 +163,8 @@ def _manifest_problem(data: Any) -> str | None:
 
     if not isinstance(data, dict):
         return "not a JSON object"
+    if _depth(data) > MAX_DEPTH:  # what reads it recurses: refused before
+        return f"nested more than {MAX_DEPTH} levels deep"
     if data.get("format") != MANIFEST_FORMAT:
         return f"format {data.get('format')!r}, this normcli reads format {MANIFEST_FORMAT}"
     problem = check_type(data, Manifest)
@@ -164,6 +182,19 @@ def _manifest_problem(data: Any) -> str | None:
         if problem:
             return problem
     return None
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in decoded JSON (without recursing)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:  # deeper is refused anyway: stop looking
+                children = item.values() if isinstance(item, dict) else item
+                stack += [(child, level + 1) for child in children]
+    return deepest
 
 
 def _is_file_name(value: str) -> bool:
@@ -219,6 +250,10 @@ def update_point(
     return entry
 
 
+Identity = Callable[[Mapping[str, Any]], str]
+Verify = Callable[[dict, Path], str | None]
+
+
 def compare_manifest(
     manifest: Manifest,
     swept: Mapping[str, Sequence[Any]],
@@ -226,20 +261,25 @@ def compare_manifest(
     *,
     extend: bool = False,
     where: str = "this folder",
+    identity: Identity | None = None,
 ) -> str:
     """'resume' when the request has the manifest's points, 'extend' when it adds points (and
-    `extend`); otherwise a NormcliError naming the differing fixed option or points."""
-    _check_same_fixed(manifest["fixed"], _as_json(dict(fixed), "fixed options"), where)
+    `extend`); otherwise a NormcliError naming the differing fixed option or points. Points
+    are the same when `identity` of their options is (default: the same options)."""
     if set(manifest["swept"]) != set(swept):
         raise NormcliError(
             f"the sweep in {where} sweeps {', '.join(manifest['swept'])}; "
             f"this request sweeps {', '.join(swept)}"
         )
-    old = {_identity(e["options"]): e["name"] for e in manifest["points"]}
-    new = {_identity(p.options): p.name for p in expand_grid(swept, fixed)}
-    missing = [name for key, name in old.items() if key not in new]
-    added = [name for key, name in new.items() if key not in old]
+    key = identity or _identity
+    old = {key(e["options"]): e["name"] for e in manifest["points"]}
+    new = {key(p.options): p.name for p in expand_grid(swept, fixed)}
+    missing = [name for k, name in old.items() if k not in new]
+    added = [name for k, name in new.items() if k not in old]
     if missing:
+        # Other fixed options are the likelier cause; only now do they matter: fixed options
+        # that differ in spelling only (a default spelled out) give the same points.
+        _check_same_fixed(manifest["fixed"], _as_json(dict(fixed), "fixed options"), where)
         extra = f"; new: {names(added)}" if added else ""
         raise NormcliError(
             f"the sweep in {where} has runs this request lacks: {names(missing)}{extra} "
@@ -283,24 +323,53 @@ def open_sweep(
     *,
     extend: bool = False,
     suffix: str = DEFAULT_SUFFIX,
+    identity: Identity | None = None,
+    verify: Verify | None = None,
 ) -> tuple[Manifest, str]:
     """Create, resume or extend the sweep in `folder`; returns (manifest, 'new'|'resume'|'extend').
 
     Extending keeps the old points' entries (status, attempts, results) and adds the new points
-    as pending, in the new grid's order.
+    as pending, in the new grid's order. `identity`: see `compare_manifest` (for normcli runs,
+    `task.point_identity`). `verify(options, output)` checks every point's output file before
+    anything is written (see `verify_outputs`; for normcli runs, `task.check_point_output`).
     """
     folder = Path(folder)
     if not (folder / MANIFEST_NAME).exists():
-        return create_manifest(folder, swept, fixed, suffix=suffix), "new"
-    manifest = load_manifest(folder)
-    action = compare_manifest(manifest, swept, fixed, extend=extend, where=str(folder))
+        manifest, action = new_manifest(swept, fixed, suffix=suffix), "new"
+    else:
+        manifest = load_manifest(folder)
+        action = compare_manifest(
+            manifest, swept, fixed, extend=extend, where=str(folder), identity=identity
+        )
     if action == "extend":
-        old = {_identity(e["options"]): e for e in manifest["points"]}
+        key = identity or _identity
+        old = {key(e["options"]): e for e in manifest["points"]}
         fresh = new_manifest(swept, fixed, suffix=manifest["suffix"])
-        fresh["points"] = [old.get(_identity(e["options"]), e) for e in fresh["points"]]
+        fresh["points"] = [old.get(key(e["options"]), e) for e in fresh["points"]]
         manifest = fresh
+    again = verify_outputs(folder, manifest, verify) if verify else []
+    if action != "resume" or again:
+        folder.mkdir(parents=True, exist_ok=True)
         write_manifest(folder, manifest)
     return manifest, action
+
+
+def verify_outputs(folder: str | os.PathLike, manifest: Manifest, verify: Verify) -> list[str]:
+    """Check every point's output file in `folder` with `verify(options, path)`, which returns
+    None for a finished output of that point and otherwise why not, or raises NormcliError for
+    a file that must not be replaced. A done point whose output fails goes back to pending,
+    the reason as its error (the manifest is not written); returns those points' names. An
+    error names the point."""
+    again = []
+    for entry in manifest["points"]:
+        try:
+            problem = verify(entry["options"], Path(folder) / entry["output"])
+        except NormcliError as e:
+            raise NormcliError(f"point {entry['name']}: {e}") from None
+        if problem and entry["status"] == "done":
+            entry.update(status="pending", error=f"was done, but {problem}", result=None)
+            again.append(entry["name"])
+    return again
 
 
 def manifest_points(manifest: Manifest, *, retry_failed: bool = True) -> list[Point]:

@@ -10,6 +10,7 @@ the same time on one machine do not collide.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "ln_l1_wd": ({"norm": "ln", "l1": 1e-4, "weight_decay": 1e-2}, "same"),
     "none": ({"norm": "none"}, "same"),
     "bn_sync": ({"norm": "bn", "sync_bn": True}, "same"),
+    "bn_sync_contiguous": ({"norm": "bn", "sync_bn": True, "channels_last": False}, "same"),
     "bn": ({"norm": "bn"}, "ghost"),
 }
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -82,17 +85,42 @@ def rank_main(rank: int, init_method: str, folder: str, data: str) -> None:
         # RANK is not set here: the answer comes from the group this process joined.
         assert (parallel.rank(), parallel.is_main_process()) == (rank, rank == 0)
         train_split, test_split = splits()
-        states = {}
+        states, layouts = {}, {}
         for name, (options, _) in CASES.items():
             run = new_run(spec_of(options, WORLD), train_split, test_split, torch.device("cpu"))
-            train_epoch(run)
+            with layouts_seen(run.model) as seen:
+                train_epoch(run)
+            layouts[name] = {"seen": sorted(seen),
+                             "recorded": checkpoint_meta(run).train_args.channels_last}  # fmt: skip
             parallel.average_running_stats(run.model)  # as run_epoch does before evaluating
             states[name] = {k: v.clone() for k, v in run.model.state_dict().items()}
         torch.save(states, Path(folder) / f"rank{rank}.pt")
+        (Path(folder) / f"layouts{rank}.json").write_text(json.dumps(layouts))
         spec = RunSpec.from_options(**CLI_RUN, world_size=WORLD)
         train(spec, data_dir=data, device="cpu", out=Path(folder) / "reference.safetensors")
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def layouts_seen(model: nn.Module) -> Iterator[set[bool]]:
+    """The memory layouts (True: channels_last) of the inputs of every convolution while the
+    block runs; a tensor that is both (one channel, or 1x1 images) says nothing."""
+    seen: set[bool] = set()
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        last, plain = x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()
+        if last != plain:
+            seen.add(last)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, nn.Conv2d)]  # fmt: skip
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -177,6 +205,19 @@ def test_two_processes_train_what_one_process_trains(ranks: list, name: str) -> 
     for key, value in ranks[0][name].items():  # every rank holds the same model
         assert torch.equal(ranks[1][name][key], value), key
     assert_states_close(ranks[0][name], one_process(options, ghost=reference == "ghost"))
+
+
+def test_the_checkpoint_records_the_layout_that_trained(spawned: Path) -> None:
+    """Every case, synchronized BatchNorm on the CPU included, trains in the memory layout its
+    checkpoint records (channels_last, or contiguous where asked or for gn)."""
+    recorded = set()
+    for rank in range(WORLD):
+        layouts = json.loads((spawned / f"layouts{rank}.json").read_text())
+        assert layouts.keys() == CASES.keys()
+        for name, layout in layouts.items():
+            assert layout["seen"] == [layout["recorded"]], (rank, name)
+            recorded.add(layout["recorded"])
+    assert recorded == {True, False}  # both layouts were checked
 
 
 def test_bn_without_sync_differs_from_full_batch_bn(ranks: list) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -19,10 +20,22 @@ import torch
 from normcli.checkpoint import read_file, read_metadata
 from normcli.config import RunSpec
 from normcli.data import Split, load_split, write_synthetic
+from normcli.errors import NormcliError
 from normcli.plots import study_figure
 from normcli.run import hold_out, new_run, save_run
 from normcli.study import aggregate, checkpoint_records
-from normcli.sweep import expand_grid, run_points, train_point
+from normcli.sweep import (
+    MANIFEST_NAME,
+    check_point_output,
+    expand_grid,
+    load_manifest,
+    manifest_points,
+    open_sweep,
+    point_identity,
+    run_points,
+    train_point,
+    update_point,
+)
 from normcli.train import run_epoch, train
 
 HERE = Path(__file__).resolve().parent
@@ -205,6 +218,154 @@ def test_a_bigger_grid_needs_extend(four_runs, sweep_data: Path, cli) -> None:
     refused = cli(*_args(sweep_data, out, "--norm", "bn,gn", "--seed", "1,2,3"))
     assert refused.exit_code == 2 and "--extend" in refused.stderr
     assert "seed-3" in refused.stderr
+
+
+def test_a_re_run_verifies_every_file_before_trusting_the_manifest(
+    four_runs, sweep_data: Path, cli
+) -> None:
+    out, _ = four_runs
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    deleted, truncated = out / "norm-gn_seed-1.safetensors", out / "norm-gn_seed-2.safetensors"
+    deleted.unlink()
+    truncated.write_bytes(before[truncated.name][:1000])
+    # Options spelled out at their defaults name the same runs: the sweep resumes.
+    grid = ("--norm", "bn,gn", "--seed", "1,2", "--momentum", "0.9", "--l1", "0")
+    result = cli(*_args(sweep_data, out, *grid))
+    assert result.exit_code == 0, result.stderr
+    assert "2 of 4 runs already done" in result.stderr
+    assert f"again   norm-gn_seed-1: was done, but {deleted} is missing" in result.stderr
+    assert f"again   norm-gn_seed-2: was done, but {truncated}: not a" in result.stderr
+    assert {line.split()[1] for line in result.stderr.splitlines() if line.startswith("done")} \
+        == {"norm-gn_seed-1:", "norm-gn_seed-2:"}  # fmt: skip
+    for name, raw in before.items():
+        if name.startswith("norm-bn"):
+            assert (out / name).read_bytes() == raw, name  # trusted, untouched
+        else:  # trained again, to the same weights (same seed, one thread)
+            old, new = safetensors.torch.load(raw), read_file(out / name)[1]
+            assert all(torch.equal(new[k], v) for k, v in old.items() if k.startswith("model."))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {p["status"] for p in manifest["points"]} == {"done"}
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(
+    cli, sweep_data: Path, tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    foreign = out / "seed-1.safetensors"
+    foreign.write_bytes(tiny_checkpoints["bn_l1"].read_bytes())
+    result = cli(*_args(sweep_data, out, "--seed", "1,2"))
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"normcli: error: point seed-1: {foreign} holds another run (batch_size 32 there, 50 here"
+    ), lines[0]
+    assert "l1 0.0001 there, 0.0 here" in lines[0] and "move it away" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == [foreign.name]  # no manifest
+    assert foreign.read_bytes() == tiny_checkpoints["bn_l1"].read_bytes()
+
+
+# --- a folder it does not trust (no Ray needed) --------------------------------------------------
+
+
+@pytest.fixture
+def one_done(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> tuple[Path, dict]:
+    """A sweep folder whose point seed-1 is done (a tiny gn checkpoint of 2 epochs) and whose
+    point seed-2 is pending; and the options the two share."""
+    options = read_metadata(tiny_checkpoints["gn"]).run.options()
+    del options["seed"]
+    folder = tmp_path / "sweep"
+    manifest, _ = open_sweep(folder, {"seed": [1, 2]}, options, **TRUST)
+    shutil.copy(tiny_checkpoints["gn"], folder / "seed-1.safetensors")
+    update_point(folder, manifest, "seed-1", "done", attempts=1, result={"test_accuracy": 9.0})
+    return folder, options
+
+
+TRUST = {"identity": point_identity, "verify": check_point_output}
+
+
+def _one_epoch(path: Path) -> None:
+    """Cut the checkpoint's history to its first epoch (a run stopped after epoch 1)."""
+    raw, tensors = read_file(path)
+    raw = {**raw, "history": json.dumps(json.loads(raw["history"])[:1])}
+    safetensors.torch.save_file(tensors, str(path), metadata=raw)
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (None, None),
+        (lambda p: p.unlink(), "is missing"),
+        (lambda p: p.write_bytes(p.read_bytes()[:1000]), ": not a"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (_one_epoch, "holds 1 of 2 epochs"),
+    ],
+    ids=["intact", "deleted", "truncated", "emptied", "unfinished"],
+)
+def test_a_done_point_counts_only_with_its_finished_checkpoint(one_done, damage, error) -> None:
+    folder, options = one_done
+    if damage is not None:
+        damage(folder / "seed-1.safetensors")
+    before = (folder / MANIFEST_NAME).read_bytes()
+    manifest, action = open_sweep(folder, {"seed": [1, 2]}, options, **TRUST)
+    assert action == "resume"
+    entry = manifest["points"][0]
+    assert load_manifest(folder) == manifest
+    if error is None:
+        assert entry["status"] == "done" and entry["result"] == {"test_accuracy": 9.0}
+        assert (folder / MANIFEST_NAME).read_bytes() == before  # nothing to write
+    else:
+        assert entry["status"] == "pending" and entry["result"] is None
+        assert entry["error"].startswith(f"was done, but {folder / 'seed-1.safetensors'}")
+        assert error in entry["error"]
+        assert [p.name for p in manifest_points(manifest)] == ["seed-1", "seed-2"]
+
+
+@pytest.mark.parametrize("point", ["seed-1", "seed-2"])  # done, pending
+def test_a_checkpoint_of_another_run_is_refused_and_kept(
+    one_done, tiny_checkpoints: dict[str, Path], point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, options = one_done
+    other = folder / f"{point}.safetensors"
+    shutil.copy(tiny_checkpoints["ln"], other)
+    before = (folder / MANIFEST_NAME).read_bytes()
+    expected = rf"{other} holds another run \(norm ln there, gn here; groups none there, 2 here"
+    with pytest.raises(NormcliError, match=rf"^point {point}: {expected}"):
+        open_sweep(folder, {"seed": [1, 2]}, options, **TRUST)
+    assert (folder / MANIFEST_NAME).read_bytes() == before
+    assert other.read_bytes() == tiny_checkpoints["ln"].read_bytes()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained over another run's checkpoint")
+
+    monkeypatch.setattr("normcli.train.train", no_training)
+    monkeypatch.setattr("normcli.train.resume_training", no_training)
+    seed = {"seed": int(point[-1])}
+    with pytest.raises(NormcliError, match=f"^{expected}"):
+        train_point({**options, **seed}, str(other))
+
+
+def test_the_task_replaces_a_file_that_is_not_a_checkpoint(one_done, tiny_data: Path) -> None:
+    folder, options = one_done
+    junk = folder / "seed-2.safetensors"
+    junk.write_bytes(b"\x00" * 4096)
+    result = train_point({**options, "seed": 2}, str(junk), data_dir=str(tiny_data))
+    meta = read_metadata(junk)
+    assert result["epochs"] == len(meta.history) == 2 and meta.train_args.seed == 2
+    assert result["test_accuracy"] == meta.history[-1]["test_accuracy"]
+
+
+def test_an_option_spelled_out_at_its_default_is_the_same_point(tmp_path: Path) -> None:
+    swept = {"seed": [1, 2]}
+    open_sweep(tmp_path, swept, {"epochs": 2}, **TRUST)
+    defaults = {"epochs": 2, "momentum": 0.9, "l1": 0.0, "batch_size": 64, "dataset": "mnist"}
+    assert open_sweep(tmp_path, swept, defaults, **TRUST)[1] == "resume"
+    with pytest.raises(NormcliError, match=r"other fixed options: momentum \(unset there, 0.9"):
+        open_sweep(tmp_path, swept, {"epochs": 2, "momentum": 0.9})  # options compared as given
+    with pytest.raises(NormcliError, match=r"other fixed options: epochs \(2 there, 3 now\)"):
+        open_sweep(tmp_path, swept, {"epochs": 3, "momentum": 0.9}, **TRUST)
+    with pytest.raises(NormcliError, match=r"batch_size \(unset there, 32 now\)"):
+        open_sweep(tmp_path, swept, {"epochs": 2, "batch_size": 32}, **TRUST)
 
 
 # --- a worker killed mid-run -------------------------------------------------------------------

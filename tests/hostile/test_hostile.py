@@ -29,6 +29,7 @@ from normcli import checkpoint, plots
 from normcli.checkpoint import read_file, save_checkpoint
 from normcli.errors import NormcliError
 from normcli.files import atomic_write, check_writable, exclusive_output
+from normcli.history import history_columns
 from normcli.outputs import plan_outputs
 
 PNG, PDF, SVG = b"\x89PNG", b"%PDF", b"<?xml"
@@ -789,3 +790,70 @@ def test_runs_of_different_datasets_give_a_warning(cli, tiny_checkpoints, tmp_pa
         "normcli: warning: plotting runs of different datasets together (cifar10, mnist): "
         "their losses and accuracies are not comparable\n"
     )
+
+
+# --- 8. odd files -------------------------------------------------------------------------------
+
+
+def test_hidden_files_in_a_folder_are_skipped_as_ls_does(cli, tiny_checkpoints, tmp_path):
+    folder = tmp_path / "copied from a mac"
+    good = _variant(tiny_checkpoints["gn"], folder / "gn.safetensors")
+    (folder / "._gn.safetensors").write_bytes(b"\x00\x05\x16\x07" + bytes(4092))  # AppleDouble
+    (folder / ".gn.safetensors").write_bytes(b"")
+    assert checkpoint.find_checkpoints([folder]) == [good]
+    result = cli("eval", folder, "--group-by", "norm", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["test_accuracy"]["n"] == 1
+    assert checkpoint.find_checkpoints([folder / "._gn.safetensors"]) == [
+        folder / "._gn.safetensors"
+    ]  # a file named on purpose is still read (and refused if it is not a checkpoint)
+
+
+def test_a_checkpoint_whose_name_is_not_utf8(
+    cli, tiny_data, tiny_checkpoints, tmp_path, captured_figures
+):
+    folder = tmp_path / "bytes"
+    name = os.fsdecode(b"r\xff.safetensors")
+    odd = _variant(tiny_checkpoints["gn"], folder / name)
+    _variant(tiny_checkpoints["gn"], folder / "plain.safetensors")  # same label: stems shown
+    result = cli("eval", folder, "--group-by", "norm", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["test_accuracy"]["n"] == 2
+    result = cli("eval", odd, "--data-dir", tiny_data, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["name"] == os.fsdecode(b"r\xff")
+    result = cli("plot", folder, "--out", tmp_path / "c.png")
+    assert result.exit_code == 0, result.stderr
+    legend = captured_figures[-1].axes[0].get_legend().get_texts()
+    labels = sorted(t.get_text() for t in legend)  # one label each: the stems are shown
+    assert labels == ["GN (G=2) + WS [plain]", "GN (G=2) + WS [r\ufffd]"]  # not refused
+    heatmap = plots.confusion_figure([[1, 0], [0, 1]], ["a", "b"], os.fsdecode(b"r\xff: 100%"))
+    heatmap.savefig(tmp_path / "h.png")
+
+
+def test_history_of_a_run_without_epochs_is_the_header(cli, tiny_checkpoints, tmp_path):
+    raw, tensors = read_file(tiny_checkpoints["gn"])
+    empty = tmp_path / "empty.safetensors"
+    save_file(tensors, str(empty), metadata={**raw, "history": "[]", "resume": "null"})
+    result = cli("history", empty)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [",".join(history_columns())]
+    full = cli("history", tiny_checkpoints["gn"])
+    assert full.stdout.splitlines()[0] == result.stdout.strip()  # the same header with rows
+    assert result.stderr == f"normcli: warning: {empty}: no epochs recorded\n"
+    assert json.loads(cli("history", empty, "--json").stdout) == []
+
+
+def test_plot_of_a_history_with_a_huge_finite_loss(cli, tiny_checkpoints, tmp_path):
+    raw, tensors = read_file(tiny_checkpoints["gn"])
+    rows = json.loads(raw["history"])
+    rows[0]["train_loss"] = 1e308
+    rows[-1]["test_loss"] = 1.7e308
+    big = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(big), metadata={**raw, "history": json.dumps(rows)})
+    result = cli("plot", big)
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
+    result = cli("plot", big, tiny_checkpoints["gn"], "--x", "norm", "--y", "test_loss",
+                 "--out", tmp_path / "study.png")  # fmt: skip
+    assert result.exit_code == 0, result.stderr

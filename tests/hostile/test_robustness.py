@@ -455,6 +455,20 @@ _meta_case("newer-format-version", {"format_version": "3"}, "format 3 is newer",
 _meta_case("zero-format-version", {"format_version": "0"}, "format 0")
 
 
+@case("meta-dataset-the-model-cannot-take", "model mnist_net takes images of shape (1, 28, 28)",
+      "not cifar10's (3, 32, 32)")  # fmt: skip
+def _(e: Env) -> list[str | Path]:
+    """Metadata consistent in itself (cifar10's classes, shape, mean and std) over mnist_net's
+    tensors: refused on load, not inside the first convolution."""
+    raw, _ = read_file(e.ckpt)
+    model_args = {**json.loads(raw["model_args"]), "dataset": "cifar10"}
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]  # fmt: skip
+    meta = {"model_args": json.dumps(model_args), "class_names": json.dumps(classes),
+            "input_shape": "[3, 32, 32]", "mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]"}
+    return e.eval(e.variant(meta))  # fmt: skip
+
+
 def _reshape_head(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**tensors, "model.head.weight": torch.zeros(10, 17)}
 

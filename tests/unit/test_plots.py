@@ -70,13 +70,13 @@ def test_a_categorical_option_gets_points_side_by_side_not_a_line() -> None:
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bn", "gn", "ln"]
     series = {c.get_label(): c for c in ax.containers}
-    assert set(series) == {"ws=False", "ws=True"}
+    assert set(series) == {"ws=false", "ws=true"}
     for container in series.values():
         assert container.lines[0].get_linestyle() == "None"  # points only
-    xs = list(series["ws=False"].lines[0].get_xdata())
-    ys = list(series["ws=False"].lines[0].get_ydata())
+    xs = list(series["ws=false"].lines[0].get_xdata())
+    ys = list(series["ws=false"].lines[0].get_ydata())
     assert xs == pytest.approx([-0.06, 0.94]) and ys == pytest.approx([99.15, 98.95])
-    assert list(series["ws=True"].lines[0].get_xdata()) == pytest.approx([1.06, 2.06])
+    assert list(series["ws=true"].lines[0].get_xdata()) == pytest.approx([1.06, 2.06])
 
 
 def test_confusion_colours_are_on_a_log_scale_with_empty_cells_blank() -> None:

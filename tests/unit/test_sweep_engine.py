@@ -220,21 +220,56 @@ def test_manifest_round_trip_and_atomic_write(
         ('{"format": 99}', "format 99"),
         ("bad status", "status must be one of"),
         ("two names", "appears twice"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("deep option", "nested more than 32 levels deep"),
     ],
 )
 def test_load_manifest_refuses_bad_files(tmp_path: Path, text: str | None, words: str) -> None:
-    if text in ("bad status", "two names"):
+    if text in ("bad status", "two names", "deep option"):
         manifest = create_manifest(tmp_path, SWEPT, FIXED)
         if text == "bad status":
             manifest["points"][0]["status"] = "exploded"
-        else:
+        elif text == "two names":
             manifest["points"][1]["name"] = manifest["points"][0]["name"]
-        write_manifest(tmp_path, manifest)
+        else:  # deep enough to trouble what reads it, not the JSON parser
+            nested: list = []
+            for _ in range(900):
+                nested = [nested]
+            manifest["points"][0]["options"]["lr"] = nested
+            (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+        if text != "deep option":
+            write_manifest(tmp_path, manifest)
     elif text is not None:
         (tmp_path / MANIFEST_NAME).write_text(text)
     with pytest.raises(NormcliError, match=words) as err:
         load_manifest(tmp_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str):
+    path = tmp_path / MANIFEST_NAME
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")  # reading it would never end
+    outcome: list = []
+
+    def load() -> None:
+        try:
+            load_manifest(tmp_path)
+        except NormcliError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert outcome, "load_manifest hung"
+    assert outcome == [f"{path} is not a regular file; a sweep manifest is one"]
+    with pytest.raises(NormcliError, match="not a regular file"):
+        open_sweep(tmp_path, SWEPT, FIXED)
 
 
 def test_manifest_comparison(tmp_path: Path) -> None:

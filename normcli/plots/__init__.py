@@ -19,36 +19,53 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from normcli.checkpoint import FINAL_METRICS, HISTORY_KEYS, Checkpoint, CheckpointMeta
+from normcli.checkpoint import Checkpoint, CheckpointMeta
 from normcli.data import Split, denormalize, get_dataset, normalize
 from normcli.evaluate import EVAL_BATCH_SIZE, Mistake, find_misclassified, predict
 from normcli.files import atomic_write
+from normcli.plots.study import LOG2_OPTIONS, study_figure
+from normcli.plots.style import (
+    CELL_HEIGHT,
+    CELL_WIDTH,
+    DEFAULT_GRID,
+    DPI,
+    DRAWABLE,
+    METRICS,
+    TITLE_HEIGHT,
+    ZOOMED,
+    drawable,
+    note,
+    run_style,
+    shown,
+)
 
-_SPLITS = {"train": "Train", "test": "Test", "val": "Validation"}
-
-
-def _axis(name: str) -> tuple[str, str] | None:
-    """(axis label with unit, title) of a metric named <split>_<loss|accuracy|error>."""
-    split, _, kind = name.partition("_")
-    if split not in _SPLITS:
-        return None
-    word = _SPLITS[split]
-    units = {"loss": "loss (cross-entropy)", "accuracy": "accuracy (%)",
-             "error": f"{word.lower()} error (%)"}  # fmt: skip
-    return (units[kind], f"{word} {kind}") if kind in units else None
-
-
-# metric -> (axis label with unit, title), for the history's keys and a run's final metrics
-# (declared once, in checkpoint.EpochRecord and checkpoint.RunMetrics).
-# The report adds the train-test gap of every epoch.
-METRICS: dict[str, tuple[str, str]] = {"lr": ("learning rate", "Learning rate")} | {
-    name: axis for name in (*HISTORY_KEYS, *FINAL_METRICS) if (axis := _axis(name))
-} | {"train_test_gap": ("train − test accuracy (points)", "Train–test accuracy gap")}
-DEFAULT_GRID = ("test_loss", "test_accuracy", "train_loss", "train_accuracy")
-# Metrics whose plateau is where runs differ: their axes zoom on the last half of the epochs.
-ZOOMED = frozenset({m for m in METRICS if m.endswith("accuracy")} | {"train_test_gap"})
-DPI = 100
-CELL_WIDTH, CELL_HEIGHT, TITLE_HEIGHT = 1.6, 1.9, 0.9  # inches, for misclassified grids
+__all__ = [
+    "CELL_HEIGHT",
+    "CELL_WIDTH",
+    "DEFAULT_GRID",
+    "DPI",
+    "DRAWABLE",
+    "LOG2_OPTIONS",
+    "METRICS",
+    "TITLE_HEIGHT",
+    "ZOOMED",
+    "band_figure",
+    "confusion_figure",
+    "curves_figure",
+    "default_title",
+    "drawable",
+    "misclassified_figure",
+    "misclassified_grid",
+    "mixed_datasets_warning",
+    "note",
+    "run_labels",
+    "run_style",
+    "save_figure",
+    "shown",
+    "study_figure",
+    "write_misclassified_grid",
+    "zoom_on_last_half",
+]
 
 
 def save_figure(fig: Figure, path: Path, fmt: str | None = None) -> Path:
@@ -102,19 +119,14 @@ def curves_figure(
     """
     fig, axes = _metric_axes(metrics)
     for ax, metric in zip(axes, metrics, strict=True):
-        for i, (label, full) in enumerate(runs):
-            marker, linestyle = run_style(i)
-            history = [row for row in full if metric in row]  # val_*: only runs with --val
-            epochs = [int(row["epoch"]) for row in history]
-            ax.plot(epochs, [row[metric] for row in history], marker=marker,
-                    linestyle=linestyle, ms=4, label=label)  # fmt: skip
+        _draw_curves(ax, runs, metric)
         ax.set_xlabel("epoch")
         if metric in ZOOMED and metric not in log:
             with_metric = [[row for row in h if metric in row] for _, h in runs]
             zoom_on_last_half(ax, with_metric, metric)
         _finish_axes(ax, metric, log)
     if title:
-        fig.suptitle(title, parse_math=False)
+        fig.suptitle(shown(title), parse_math=False)
     return fig
 
 
@@ -159,19 +171,28 @@ def _band(ax: Axes, i: int, label: str, rows: Sequence[dict], metric: str) -> li
             for edge in (mean, low, high)]  # fmt: skip
 
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":")
-
-
-def run_style(i: int) -> tuple[str, str]:
-    """Marker and line style of the i-th run: no two of the first 32 runs share both."""
-    return MARKERS[i % len(MARKERS)], LINESTYLES[(i + i // len(MARKERS)) % len(LINESTYLES)]
+def _draw_curves(ax: Axes, runs: Sequence[tuple[str, list[dict[str, float]]]], metric: str) -> None:
+    """Every run's curve of `metric` (runs without it are skipped: val_* needs --val), in the
+    run's style; values too far out to draw leave a gap, and a note says how many."""
+    left_out = 0
+    for i, (label, full) in enumerate(runs):
+        marker, linestyle = run_style(i)
+        history = [row for row in full if metric in row]
+        values = [drawable(row[metric]) for row in history]
+        left_out += sum(math.isnan(v) for v in values)
+        ax.plot(
+            [int(row["epoch"]) for row in history], values,
+            marker=marker, linestyle=linestyle, ms=4, label=shown(label),
+        )  # fmt: skip
+    if left_out:
+        note(ax, f"{left_out} value(s) beyond ±{DRAWABLE:g} left out", top=True)
 
 
 def zoom_on_last_half(ax: Axes, histories: Sequence[list[dict[str, float]]], metric: str) -> None:
     """Fit the y-axis to the last half of every run's epochs (the plateau, where runs at
     99.4% and 99.6% differ); earlier points outside it run off the axes, and a note says so."""
     tail = [row[metric] for h in histories for row in h[len(h) // 2 :]]
+    tail = [v for v in tail if abs(v) <= DRAWABLE]
     if not tail:
         return
     pad = max((max(tail) - min(tail)) * 0.15, 0.05)
@@ -220,14 +241,13 @@ def misclassified_figure(
         else:
             ax.imshow(image.permute(1, 2, 0).numpy())
         ax.set_title(
-            f"#{m.index}\ntrue: {class_names[m.true]}\npred: {class_names[m.predicted]} "
-            f"({m.probability:.2f})",
+            shown(f"#{m.index}\ntrue: {class_names[m.true]}\npred: {class_names[m.predicted]} "
+                  f"({m.probability:.2f})"),
             fontsize=8,
             parse_math=False,  # class names are data, never math
         )
-    fig.suptitle(
-        title, fontsize=10, y=1 - 0.15 / (rows * CELL_HEIGHT + TITLE_HEIGHT), parse_math=False
-    )
+    top = 1 - 0.15 / (rows * CELL_HEIGHT + TITLE_HEIGHT)
+    fig.suptitle(shown(title), fontsize=10, y=top, parse_math=False)
     return fig
 
 
@@ -242,11 +262,12 @@ def confusion_figure(
     matrix = torch.tensor(confusion, dtype=torch.float)
     top = max(matrix.max().item(), 2.0)
     # Empty cells stay white (masked below the scale's 1); counts from 1 up get shades.
-    shown = matrix.masked_fill(matrix < 1, float("nan")).numpy()
-    im = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=top))
+    cells = matrix.masked_fill(matrix < 1, float("nan")).numpy()
+    im = ax.imshow(cells, cmap="Blues", norm=LogNorm(vmin=1, vmax=top))
     fig.colorbar(im, ax=ax, shrink=0.8, label="images (log scale)")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right", parse_math=False)
-    ax.set_yticks(range(k), class_names, parse_math=False)
+    names = [shown(n) for n in class_names]
+    ax.set_xticks(range(k), names, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(range(k), names, parse_math=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     threshold = top**0.6  # where the log scale's blue gets dark enough for white text
@@ -255,7 +276,7 @@ def confusion_figure(
             value = int(matrix[i, j])
             color = "white" if value > threshold else "black"
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
-    ax.set_title(title, parse_math=False)
+    ax.set_title(shown(title), parse_math=False)
     return fig
 
 
@@ -306,92 +327,3 @@ def misclassified_grid(
     )
     fig = misclassified_figure(images, mistakes, meta.class_names, min(cols, n), title)
     return fig, mistakes
-
-
-# Options whose values grow by factors of two: a log2 axis spaces them evenly (GN paper, Fig. 1).
-LOG2_OPTIONS = frozenset({"batch_size", "groups", "world_size"})
-
-
-def study_figure(
-    rows: Sequence[dict],
-    records: Sequence[dict],
-    x: str,
-    y: str,
-    hue: str | None = None,
-    title: str | None = None,
-) -> Figure:
-    """A final metric against a run option: one line per `hue` value at the mean over seeds,
-    ±1 std error bars, and each run as a faint point. `rows` come from study.aggregate over
-    [hue, x] (or [x]); `records` are the runs themselves. An option whose values are not all
-    numbers (norm, ws) is categorical: its values sit side by side as points, no line
-    joining them, each hue shifted a little so that their bars do not hide each other."""
-    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
-    ax = fig.subplots()
-    groups = list(dict.fromkeys(r[hue] for r in rows)) if hue else [None]
-    values = list(dict.fromkeys(r[x] for r in rows))
-    categories = None if all(_is_number(v) for v in values) else values
-    for i, group in enumerate(groups):
-        mine = [r for r in rows if hue is None or r[hue] == group]
-        runs = [r for r in records if (hue is None or r.get(hue) == group) and y in r]
-        where = _category_positions(categories, i, len(groups))
-        _study_line(ax, i, f"{hue}={group}" if hue else y, mine, runs, (x, where), y)
-    _study_axes(ax, rows, x, y, title, categories)
-    return fig
-
-
-def _category_positions(categories: list | None, i: int, series: int) -> dict | None:
-    """Where the i-th of `series` series puts each category (None: a numeric axis)."""
-    if categories is None:
-        return None
-    shift = 0.12 * (i - (series - 1) / 2)
-    return {repr(v): k + shift for k, v in enumerate(categories)}  # repr: any value hashes
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _study_axes(
-    ax: Axes, rows: Sequence[dict], x: str, y: str, title: str | None, categories: list | None
-) -> None:
-    """Log2 x axis for options that double, or one tick per category; labels, the title with
-    the largest n, legend."""
-    if categories is not None:
-        ax.set_xticks(range(len(categories)), [str(v) for v in categories], parse_math=False)
-        ax.set_xlim(-0.5, len(categories) - 0.5)
-    elif x in LOG2_OPTIONS:
-        ax.set_xscale("log", base=2)
-        values = sorted({r[x] for r in rows})
-        ax.set_xticks(values, [str(v) for v in values])
-    ax.set_xlabel(x)
-    ax.set_ylabel(METRICS[y][0] if y in METRICS else y)
-    n = max((r[y]["n"] for r in rows if r[y]), default=0)
-    heading = (title + ": " if title else "") + f"{y} (mean ± std, up to n={n} per point)"
-    ax.set_title(heading, parse_math=False)
-    ax.grid(alpha=0.3)
-    if len(ax.containers) > 1:  # one series needs no legend
-        for text in ax.legend().get_texts():
-            text.set_parse_math(False)
-
-
-def _study_line(
-    ax: Axes, i: int, label: str, rows: Sequence[dict], runs: Sequence[dict],
-    x: tuple[str, dict | None], y: str,
-) -> None:  # fmt: skip
-    """One group: its means with ±1 std error bars, and each run as a faint point. `x` is
-    the option and, for a categorical one, each value's position (no line between them)."""
-    key, where = x
-
-    def position(record: dict) -> float:
-        return record[key] if where is None else where[repr(record[key])]
-
-    have = [r for r in rows if r[y] and r[y]["n"]]
-    marker, linestyle = run_style(i)
-    line = ax.errorbar(
-        [position(r) for r in have], [r[y]["mean"] for r in have],
-        yerr=[r[y]["std"] or 0.0 for r in have],
-        marker=marker, linestyle=linestyle if where is None else "none", capsize=3,
-        label=label,
-    )  # fmt: skip
-    ax.scatter([position(r) for r in runs], [r[y] for r in runs], s=10, alpha=0.3,
-               color=line.lines[0].get_color())  # fmt: skip
