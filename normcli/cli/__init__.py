@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_app(args: list[str], debug: bool) -> int:
     try:
         result = app(args=args, prog_name="normcli", standalone_mode=False)
+        if result == INTERRUPTED:  # Typer's answer to an interrupt: exit 130, nothing said
+            fail(interrupt_message())
+            return interrupt_exit_code()
         return result if isinstance(result, int) else 0
     except NormcliError as e:
         fail(as_flags(str(e)))
