@@ -50,21 +50,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 # The data, checked once before anything is created or started (three trainings finding it
-# missing would each say so, and race to download it), on the interpreter normcli runs on.
-py="$(dirname "$(readlink -f "$(command -v normcli)")")/python"
-[[ -x $py ]] || py=python3
-"$py" - "$dataset" "$data_dir" <<'EOF'
-import sys
-
-from normcli.data import load_split
-from normcli.errors import NormcliError
-
-try:  # both splits, as each training reads them; a missing one is downloaded here, once
-    for train in (True, False):
-        load_split(sys.argv[1], train, sys.argv[2] or None)
-except NormcliError as e:
-    sys.exit(f"normcli: error: {e}")
-EOF
+# missing would each say so, and race to download it).
+normcli data "$dataset" ${data_dir:+--data-dir "$data_dir"} >/dev/null
 
 mkdir -p "$out"
 # Every step runs beside others, so each takes one thread unless told otherwise.

@@ -250,6 +250,10 @@ class TrainArgs:
         """Refuse values outside their ranges, naming the parameter; with `model`, also the
         options that depend on it."""
         _check_ranges(self)
+        if self.limit is not None and self.val >= self.limit:  # found here, before any data loads
+            raise NormcliError(
+                f"val {self.val} leaves no training images of the {self.limit} that limit keeps"
+            )
         if self.batch_size % self.world_size:
             raise NormcliError(
                 f"batch_size {self.batch_size} is the global batch and must divide by the "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import stat
 import tempfile
@@ -65,6 +66,23 @@ def check_folder_writable(folder: Path, path: Path) -> None:
             pass
     except OSError as e:
         raise NormcliError(f"{path}: folder {folder} is not writable ({e.strerror or e})") from None
+
+
+def folders_to_make(folder: Path) -> list[Path]:
+    """The folders missing on the way to `folder`, outermost first, after checking that it is
+    a writable folder or can be made: its nearest existing ancestor is a writable folder."""
+    missing = []
+    current = folder
+    while not current.exists() and not current.is_symlink():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    if not current.is_dir():
+        where = "" if current == folder else f" cannot be made: {current}"
+        raise NormcliError(f"{folder}{where} is not a folder")
+    check_folder_writable(current, folder)
+    return missing[::-1]
 
 
 def _umask() -> int:
@@ -146,4 +164,24 @@ def exclusive_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield path
     finally:
         lock.unlink(missing_ok=True)  # still locked: a waiting process re-opens, see above
+        os.close(fd)
+
+
+def release_stale_claim(path: str | os.PathLike[str]) -> None:
+    """Remove what a process killed while holding `path` left beside it (its claim's lock file,
+    the temporary files of its unfinished writes), unless a live process holds the claim."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # no claim left there (the usual case)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # still locked: a waiting claimant re-opens, see above
+    except OSError:  # held by a live process, or gone meanwhile: not ours to touch
+        pass
+    finally:
         os.close(fd)

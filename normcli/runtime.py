@@ -74,6 +74,14 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
+def terminated_elsewhere() -> Terminated:
+    """What to raise for a SIGTERM that another library's handler caught first (Ray's, while
+    ray.init runs, calls sys.exit(15)): the interrupt our own handler would have raised."""
+    global _terminated
+    _terminated = True
+    return Terminated()
+
+
 def install_signal_handlers() -> None:
     """SIGTERM raises Terminated; SIGINT keeps Python's KeyboardInterrupt."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -300,7 +308,17 @@ def interrupts_held() -> Iterator[None]:
         for sig, handler in installed.items():
             signal.signal(sig, handler)
         for signum in dict.fromkeys(caught):
-            signal.raise_signal(signum)
+            _deliver(signum, installed[signum])
+
+
+def _deliver(signum: int, handler: object) -> None:
+    """Run `handler` for a signal held back. A Python handler is called directly: raising the
+    signal again could leave it pending for good where the thread blocks it (Ray's workers
+    block SIGINT, and ray.cancel reaches a task as a simulated SIGINT)."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -236,7 +237,8 @@ def train(
             path.parent.mkdir(parents=True, exist_ok=True)
             check_writable(path)
             # Rank 0 alone writes: it claims the file against other normcli processes.
-            with exclusive_output(path) if world.main else contextlib.nullcontext():
+            claim = _claim(path, replace=overwrite or resume_from is not None)
+            with claim if world.main else contextlib.nullcontext():
                 while not run.done:
                     row = run_epoch(run, reporter)
                     save_run(run, path)  # atomic: the epoch is in, or not
@@ -249,6 +251,19 @@ def train(
         saved = run.saved_epochs if run else len(resume_from.meta.history) if resume_from else 0
         raise _interrupted(path, saved, t.epochs, data_dir, t.world_size) from None
     return TrainResult(path, run.history, count_params(run.model))
+
+
+@contextlib.contextmanager
+def _claim(path: Path, replace: bool) -> Iterator[None]:
+    """Hold `path` against other normcli processes while the run writes it. Checked again
+    under the claim: another run may have written it since the first check, and finished."""
+    with exclusive_output(path):
+        if not replace and path.exists():
+            raise NormcliError(
+                f"{path} was written by another run meanwhile; pass --overwrite to replace it, "
+                "or --out elsewhere"
+            )
+        yield
 
 
 def _interrupted(

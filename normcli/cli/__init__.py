@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from normcli import __version__
+from normcli.cli.data import data
 from normcli.cli.options import as_flags
 from normcli.cli.plot import plot
 from normcli.cli.printing import fail
@@ -42,7 +43,7 @@ app = typer.Typer(
 )
 _COMMANDS = {"train": train, "eval": eval_, "misclassified": misclassified, "plot": plot,
             "history": history, "sweep": sweep, "summary": summary,
-            "report": report}  # fmt: skip
+            "report": report, "data": data}  # fmt: skip
 for name, command in _COMMANDS.items():
     app.command(name)(command)
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_app(args: list[str], debug: bool) -> int:
     try:
         result = app(args=args, prog_name="normcli", standalone_mode=False)
+        if result == INTERRUPTED:  # Typer's answer to an interrupt: exit 130, nothing said
+            fail(interrupt_message())
+            return interrupt_exit_code()
         return result if isinstance(result, int) else 0
     except NormcliError as e:
         fail(as_flags(str(e)))

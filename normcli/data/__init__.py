@@ -26,7 +26,7 @@ from normcli.data.formats import (
     unpickle_cifar_batch,
     write_idx,
 )
-from normcli.data.loading import DATA_ENV, download, load_split, resolve_data_dir
+from normcli.data.loading import DATA_ENV, download, load_split, prepare, resolve_data_dir
 from normcli.data.records import (
     CIFAR10,
     CIFAR100,
@@ -68,6 +68,7 @@ __all__ = [
     "get_dataset",
     "idx_bytes",
     "load_split",
+    "prepare",
     "normalize",
     "random_affine",
     "random_crop_flip",

@@ -98,3 +98,9 @@ def load_split(
     if tuple(split.images.shape[1:]) != dataset.input_shape:
         raise NormcliError(f"{name}: images of shape {tuple(split.images.shape[1:])}")
     return split.head(limit)
+
+
+def prepare(name: str, data_dir: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """Check that both splits of dataset `name` read (downloading them once if missing);
+    returns the image count of each split."""
+    return {split: len(load_split(name, split == "train", data_dir)) for split in ("train", "test")}

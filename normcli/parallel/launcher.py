@@ -52,10 +52,8 @@ def launch(args: Sequence[str], nproc: int, *, threads: int) -> None:
             elastic_launch(config, sys.executable)("-m", "normcli", *args)
         except ChildFailedError as e:
             raise _failure_line(e.failures, read_records(logs)) from None
-        except SignalException:  # Ctrl-C or SIGTERM to this process: the agent stopped all
-            rec = read_records(logs).get(0)
-            message = rec["message"] if rec and rec["exit_code"] == INTERRUPTED else "interrupted"
-            raise NormcliError(message, exit_code=INTERRUPTED) from None
+        except SignalException as e:  # Ctrl-C or SIGTERM to this process: the agent stopped all
+            raise _interrupted(e.sigval, read_records(logs).get(0)) from None
 
 
 @contextmanager
@@ -96,6 +94,18 @@ def _launch_env(threads: int) -> Iterator[None]:
         for log, level in levels.items():
             log.setLevel(level)
 
+
+def _interrupted(sig: int, main: dict[str, Any] | None) -> NormcliError:
+    """The launcher stopped by signal `sig` (its agent stopped the workers): rank 0's own
+    interruption line (what it saved) if it left one; exit code 128 + `sig`, as a shell reports
+    a process ended by that signal (130 for SIGINT, 143 for SIGTERM)."""
+    if main and main["exit_code"] == INTERRUPTED:
+        message = main["message"]
+    elif sig == signal.SIGINT:
+        message = "interrupted"
+    else:
+        message = f"interrupted ({signal.Signals(sig).name})"
+    return NormcliError(message, exit_code=128 + int(sig))
 
 
 def _failure_line(failures: dict[int, Any], records: dict[int, dict[str, Any]]) -> Exception:

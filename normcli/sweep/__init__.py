@@ -13,7 +13,9 @@ The pieces:
   driver, whole and atomically. `open_sweep` creates it, resumes it, or extends it.
 - `engine`: `run_points` runs one Ray task per point, at most `workers` in flight, events
   reported from the driver; `run_sweep` runs a manifest's points not done yet and keeps it
-  current. `cluster` starts a private Ray or joins a running cluster.
+  current. `cluster` starts a private Ray (`local`: quiet, signals kept, its session folder
+  removed, its processes reaped by `reaper` even if the driver is killed) or joins a cluster.
+- `claim`: one sweep at a time in a folder (`claim_sweep`).
 - `task`: `train_point`, the task that trains one normcli run; `check_point_output`, which
   `open_sweep` uses to verify each point's file before trusting the manifest (a done point
   whose checkpoint is missing, truncated or unfinished runs again; a checkpoint of another
@@ -32,8 +34,23 @@ folder does not exist on a worker's node, the task writes to a temporary file th
 The task function and normcli itself must be importable on every node (same environment).
 """
 
-from normcli.sweep.cluster import NEEDS_RAY, import_ray, one_line, resolve_address
-from normcli.sweep.engine import EventHandler, Outcome, Task, run_points, run_sweep, save_payload
+from normcli.sweep.claim import claim_sweep
+from normcli.sweep.cluster import (
+    NEEDS_RAY,
+    check_engine_options,
+    import_ray,
+    one_line,
+    resolve_address,
+)
+from normcli.sweep.engine import (
+    EventHandler,
+    Outcome,
+    Task,
+    engine_session,
+    run_points,
+    run_sweep,
+    save_payload,
+)
 from normcli.sweep.grid import Point, expand_grid, format_value
 from normcli.sweep.manifest import (
     DEFAULT_SUFFIX,
@@ -62,4 +79,5 @@ __all__ = [
     "format_value", "import_ray", "load_manifest", "manifest_points", "new_manifest", "one_line",
     "open_sweep", "point_identity", "records", "resolve_address", "run_points", "run_sweep",
     "save_payload", "train_point", "update_point", "verify_outputs", "write_manifest",
+    "check_engine_options", "claim_sweep", "engine_session",
 ]  # fmt: skip

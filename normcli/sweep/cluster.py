@@ -10,17 +10,16 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, one_line
+from normcli.sweep.local import kept_signal_handlers, local_ray, ray_environment, ray_logging
 
-# Small but comfortable for checkpoints of small CNNs; the default (30% of RAM) is far more
-# than a sweep of tiny runs needs and would crowd a 24 GiB machine.
-OBJECT_STORE_BYTES = 160 * 1024**2
 NEEDS_RAY = "sweep needs Ray: pip install 'normcli[ray]'"
 
 
@@ -33,52 +32,51 @@ def import_ray() -> Any:
     return ray
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line: 'Type: first line of the message'."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if not isinstance(exc, NormcliError):
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 @contextlib.contextmanager
 def ray_session(
-    ray: Any, address: str | None, workers: int | None, cpus_per_run: int, connect_timeout: float
+    ray: Any,
+    address: str | None,
+    runs: int,
+    cpus_per_run: int,
+    connect_timeout: float,
+    verbose: bool = False,
 ) -> Iterator[int | None]:
-    """Use the Ray already initialized here, join `address`, or start (and stop) a local Ray.
+    """Use the Ray already initialized here, join `address`, or start (and stop) a private Ray
+    for `runs` runs at once (normcli.sweep.local); Ray's logs only if `verbose`.
 
     Yields how many runs fit at once when this function sized Ray itself, else None.
     """
     if ray.is_initialized():
         yield None  # someone else's Ray (a test fixture, a notebook): use it, leave it running
         return
-    if address is None:
-        count = workers or max(1, (os.cpu_count() or 1) // cpus_per_run)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
-            # "local" and not None: None would join whatever RAY_ADDRESS or /tmp/ray points at.
-            ray.init(
-                address="local",
-                num_cpus=count * cpus_per_run,
-                include_dashboard=False,
-                log_to_driver=False,  # workers' prints would tear through the progress bar
-                object_store_memory=OBJECT_STORE_BYTES,
-                logging_level=logging.ERROR,
-            )
-        except Exception as exc:
-            raise NormcliError(f"could not start Ray on this machine: {one_line(exc)}") from None
-    else:
+    with ray_logging(verbose) as level:
+        if address is None:
+            with local_ray(ray, runs * cpus_per_run, level=level, verbose=verbose):
+                yield runs
+            return
         host, port = resolve_address(address)
         deadline = time.monotonic() + connect_timeout
         _check_reachable(host, port, connect_timeout)
         _use_auth_token_if_any()
-        _guarded_init(ray, f"{host}:{port}", max(0.5, deadline - time.monotonic()))
-        count = None
-    try:
-        yield count
-    finally:
-        ray.shutdown()  # for a joined cluster this only disconnects this driver
+        with kept_signal_handlers(), ray_environment():
+            _guarded_init(ray, f"{host}:{port}", max(0.5, deadline - time.monotonic()), level)
+        try:
+            yield None
+        finally:
+            ray.shutdown()  # for a joined cluster this only disconnects this driver
+
+
+def local_runs(workers: int | None, cpus_per_run: int, points: int) -> int:
+    """How many runs a private Ray is sized for: `workers`, else as many as this machine's
+    CPUs hold; never more than there are points."""
+    return max(1, min(workers or usable_cpus() // cpus_per_run, points))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def resolve_address(address: str) -> tuple[str, int]:
@@ -152,7 +150,7 @@ def _use_auth_token_if_any() -> None:
         quiet.setLevel(level)
 
 
-def _guarded_init(ray: Any, address: str, timeout: float) -> None:
+def _guarded_init(ray: Any, address: str, timeout: float, level: int) -> None:
     """ray.init(address) in a helper thread, abandoned after `timeout` s: something may listen
     at the port without being a Ray cluster, and ray.init would then retry for minutes."""
     lock = threading.Lock()
@@ -163,7 +161,7 @@ def _guarded_init(ray: Any, address: str, timeout: float) -> None:
         """Join the cluster; if the driver gave up meanwhile, leave it again."""
         error = None
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+            ray.init(address=address, log_to_driver=level < logging.ERROR, logging_level=level)
         except BaseException as exc:  # handed to the driver thread below
             error = exc
         with lock:
@@ -186,6 +184,56 @@ def _guarded_init(ray: Any, address: str, timeout: float) -> None:
             )
     if state["error"] is not None:
         raise NormcliError(f"cannot join the Ray cluster at {address}: {one_line(state['error'])}")
+
+
+def check_engine_options(
+    workers: int | None = None,
+    cpus_per_run: int = 1,
+    gpus_per_run: float = 0.0,
+    max_retries: int = 2,
+    address: str | None = None,
+    connect_timeout: float = 10.0,
+) -> None:
+    """Refuse impossible engine settings (named as `run_points` names them) before anything is
+    started or written; with no `address`, also more CPUs than this machine has."""
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise NormcliError(f"workers must be a whole number >= 1, not {workers!r}")
+    if not isinstance(cpus_per_run, int) or cpus_per_run < 1:
+        raise NormcliError(f"cpus_per_run must be a whole number >= 1, not {cpus_per_run!r}")
+    _check_gpus(gpus_per_run)
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise NormcliError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
+    if not connect_timeout > 0:
+        raise NormcliError(f"the connect timeout must be > 0 seconds, not {connect_timeout!r}")
+    if address is None and not _ray_initialized():
+        _check_fits_here(workers or 1, cpus_per_run)
+
+
+def _check_gpus(gpus_per_run: float) -> None:
+    """A GPU share: a fraction of one GPU, or a whole number of them (Ray's rule)."""
+    if not (isinstance(gpus_per_run, (int, float)) and 0 <= gpus_per_run < float("inf")):
+        raise NormcliError(f"gpus_per_run must be a number >= 0, not {gpus_per_run!r}")
+    if gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
+        raise NormcliError(f"gpus_per_run above 1 must be a whole number, not {gpus_per_run:g}")
+
+
+def _ray_initialized() -> bool:
+    """Whether this process already uses a Ray (then it is sized by whoever started it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _check_fits_here(workers: int, cpus_per_run: int) -> None:
+    """Refuse runs at once that need more CPUs than this machine has: a private Ray would start
+    a worker process (a torch import, hundreds of MB) for every CPU it is given."""
+    cpus = usable_cpus()
+    if cpus_per_run > cpus:
+        raise NormcliError(f"cpus_per_run {cpus_per_run}: this machine has {cpus} CPUs")
+    if workers * cpus_per_run > cpus:
+        raise NormcliError(
+            f"workers {workers} runs at once need {workers * cpus_per_run} CPUs "
+            f"({cpus_per_run} per run); this machine has {cpus}; join a Ray cluster for more"
+        )
 
 
 def check_feasible(ray: Any, cpus_per_run: int, gpus_per_run: float) -> None:

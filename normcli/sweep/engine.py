@@ -15,17 +15,28 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from normcli.errors import NormcliError
-from normcli.runtime import configure_threads
-from normcli.sweep.cluster import check_feasible, cluster_slots, import_ray, one_line, ray_session
+from normcli.files import release_stale_claim
+from normcli.runtime import configure_threads, interrupts_held
+from normcli.sweep.claim import claim_sweep
+from normcli.sweep.cluster import (
+    check_engine_options,
+    check_feasible,
+    cluster_slots,
+    import_ray,
+    local_runs,
+    one_line,
+    ray_session,
+)
 from normcli.sweep.grid import Point
 from normcli.sweep.manifest import (
     DEFAULT_SUFFIX,
+    Manifest,
     check_suffix,
     load_manifest,
     manifest_points,
@@ -34,6 +45,7 @@ from normcli.sweep.manifest import (
 )
 
 EventHandler = Callable[[str, str, dict], None]
+STOP_GRACE_SECONDS = 5.0  # for an interrupted run to clean up before it is killed
 Task = Callable[[dict, str], dict]
 
 
@@ -127,6 +139,7 @@ def run_points(
     max_retries: int = 2,
     on_event: EventHandler | None = None,
     connect_timeout: float = 10.0,
+    verbose: bool = False,
 ) -> dict[str, Outcome]:
     """Run `task(options, FOLDER/NAME+SUFFIX)` once per point as Ray tasks; outcomes by name.
 
@@ -134,18 +147,43 @@ def run_points(
     dies is re-run up to `max_retries` times by Ray; an exception from the task fails that point
     only. `on_event(kind, name, info)` is called from this thread: 'started' (submitted, info
     has 'options'), 'finished' ('result', 'attempts', 'seconds'), 'failed' ('error', 'attempts').
+    Ray's own logs and notices are shown only if `verbose`.
     """
     points = list(points)
-    _check_engine_args(
-        points, suffix, workers, cpus_per_run, gpus_per_run, max_retries, connect_timeout
-    )
+    check_engine_options(workers, cpus_per_run, gpus_per_run, max_retries, address,
+                         connect_timeout)  # fmt: skip
+    _check_points(points, suffix)
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise NormcliError(f"sweep folder {folder} does not exist")
     if not points:
         return {}
+    try:
+        return _run_on_ray(points, task, folder, suffix, workers, cpus_per_run, gpus_per_run,
+                           address, max_retries, on_event, connect_timeout, verbose)  # fmt: skip
+    finally:
+        for point in points:  # a run stopped by force (interrupted, killed) leaves its claim
+            release_stale_claim(folder / (point.name + suffix))
+
+
+def _run_on_ray(
+    points: list[Point],
+    task: Task,
+    folder: Path,
+    suffix: str,
+    workers: int | None,
+    cpus_per_run: int,
+    gpus_per_run: float,
+    address: str | None,
+    max_retries: int,
+    on_event: EventHandler | None,
+    connect_timeout: float,
+    verbose: bool,
+) -> dict[str, Outcome]:
+    """`run_points` once its arguments are checked: Ray started or joined, the points run."""
     ray = import_ray()
-    with ray_session(ray, address, workers, cpus_per_run, connect_timeout) as slots:
+    runs = local_runs(workers, cpus_per_run, len(points))
+    with ray_session(ray, address, runs, cpus_per_run, connect_timeout, verbose) as slots:
         check_feasible(ray, cpus_per_run, gpus_per_run)
         if workers is None and slots is None:
             slots = cluster_slots(ray, cpus_per_run, gpus_per_run)
@@ -165,6 +203,28 @@ def run_points(
 
         emit = on_event or (lambda kind, name, info: None)
         return _drive(ray, points, workers or slots or 1, submit, collect, emit)
+
+
+@contextlib.contextmanager
+def engine_session(
+    *,
+    points: int,
+    workers: int | None = None,
+    cpus_per_run: int = 1,
+    gpus_per_run: float = 0.0,
+    address: str | None = None,
+    connect_timeout: float = 10.0,
+    verbose: bool = False,
+) -> Iterator[None]:
+    """Ray started (for `points` points) or joined, and checked able to hold one run, for the
+    `run_points` calls inside the block; stopped (or left) after it. Lets a caller write its
+    files only once the engine is known to work."""
+    check_engine_options(workers, cpus_per_run, gpus_per_run, 0, address, connect_timeout)
+    ray = import_ray()
+    runs = local_runs(workers, cpus_per_run, points)
+    with ray_session(ray, address, runs, cpus_per_run, connect_timeout, verbose):
+        check_feasible(ray, cpus_per_run, gpus_per_run)
+        yield
 
 
 def _drive(
@@ -198,10 +258,24 @@ def _drive(
                     info = {"error": outcome.error, "attempts": outcome.attempts}
                     emit("failed", point.name, info)
     finally:
-        for ref in running:  # interrupted: do not leave runs going on a shared cluster
+        _stop(ray, list(running))  # interrupted: leave no run going, on a shared cluster too
+    return outcomes
+
+
+def _stop(ray: Any, refs: list[Any]) -> None:
+    """Stop the runs of `refs` as Ctrl-C stops a training (Ray raises KeyboardInterrupt in the
+    task: its output claim is released, no temporary file is left), by force after a grace."""
+    left = refs
+    try:
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        if refs:
+            _, left = ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_SECONDS)
+    finally:
+        for ref in left:  # only those still running: Ray's core may abort on a finished one
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
-    return outcomes
 
 
 def _collect(ray: Any, ref: Any, output: Path, max_retries: int) -> Outcome:
@@ -223,26 +297,8 @@ def _collect(ray: Any, ref: Any, output: Path, max_retries: int) -> Outcome:
     return Outcome("done", result=value["result"], attempts=attempts, seconds=value["seconds"])
 
 
-def _check_engine_args(
-    points: list[Point],
-    suffix: str,
-    workers: int | None,
-    cpus_per_run: int,
-    gpus_per_run: float,
-    max_retries: int,
-    connect_timeout: float,
-) -> None:
-    """Refuse impossible engine settings before starting anything."""
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise NormcliError(f"--workers must be a whole number >= 1, not {workers!r}")
-    if not isinstance(cpus_per_run, int) or cpus_per_run < 1:
-        raise NormcliError(f"--cpus-per-run must be a whole number >= 1, not {cpus_per_run!r}")
-    if not gpus_per_run >= 0:
-        raise NormcliError(f"--gpus-per-run must be >= 0, not {gpus_per_run!r}")
-    if not isinstance(max_retries, int) or max_retries < 0:
-        raise NormcliError(f"--max-retries must be a whole number >= 0, not {max_retries!r}")
-    if not connect_timeout > 0:
-        raise NormcliError(f"the connect timeout must be > 0 seconds, not {connect_timeout!r}")
+def _check_points(points: list[Point], suffix: str) -> None:
+    """Refuse a bad output suffix or two points of one name."""
     check_suffix(suffix)
     names = [p.name for p in points]
     if len(set(names)) != len(names):
@@ -258,31 +314,39 @@ def run_sweep(
     **engine: Any,
 ) -> dict[str, Outcome]:
     """Run the manifest's points that are not done (`run_points` options in `engine`), keeping the
-    manifest current; points interrupted mid-run go back to pending."""
+    manifest current; points interrupted mid-run go back to pending. The folder is held against
+    other normcli processes meanwhile (normcli.sweep.claim)."""
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    entries = {e["name"]: e for e in manifest["points"]}
+    with claim_sweep(folder):
+        manifest = load_manifest(folder)
+        entries = {e["name"]: e for e in manifest["points"]}
 
-    def record(kind: str, name: str, info: dict) -> None:
-        """Mirror an engine event into the manifest, then pass it on."""
-        tries = entries[name]["attempts"] + (info.get("attempts") or 1)
-        if kind == "started":
-            update_point(folder, manifest, name, "running")
-        elif kind == "finished":
-            update_point(folder, manifest, name, "done", attempts=tries, result=info["result"])
-        else:
-            update_point(folder, manifest, name, "failed", attempts=tries, error=info["error"])
-        if on_event is not None:
-            on_event(kind, name, info)
+        def record(kind: str, name: str, info: dict) -> None:
+            """Mirror an engine event into the manifest, then pass it on."""
+            tries = entries[name]["attempts"] + (info.get("attempts") or 1)
+            if kind == "started":
+                update_point(folder, manifest, name, "running")
+            elif kind == "finished":
+                update_point(folder, manifest, name, "done", attempts=tries, result=info["result"])
+            else:
+                update_point(folder, manifest, name, "failed", attempts=tries, error=info["error"])
+            if on_event is not None:
+                on_event(kind, name, info)
 
-    todo = manifest_points(manifest, retry_failed=retry_failed)
-    try:
-        return run_points(
-            todo, task, folder=folder, suffix=manifest["suffix"], on_event=record, **engine
-        )
-    finally:
-        interrupted = [e for e in manifest["points"] if e["status"] == "running"]
-        for entry in interrupted:
-            entry["status"] = "pending"
-        if interrupted:
-            write_manifest(folder, manifest)
+        todo = manifest_points(manifest, retry_failed=retry_failed)
+        try:
+            return run_points(
+                todo, task, folder=folder, suffix=manifest["suffix"], on_event=record, **engine
+            )
+        finally:
+            with interrupts_held():  # a second Ctrl-C must not lose what the first one stopped
+                _back_to_pending(folder, manifest)
+
+
+def _back_to_pending(folder: Path, manifest: Manifest) -> None:
+    """Points left 'running' (interrupted) become pending again, in the manifest file too."""
+    interrupted = [e for e in manifest["points"] if e["status"] == "running"]
+    for entry in interrupted:
+        entry["status"] = "pending"
+    if interrupted:
+        write_manifest(folder, manifest)

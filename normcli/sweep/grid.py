@@ -15,6 +15,9 @@ from normcli.errors import NormcliError
 _NAME_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-=,")
 _MAX_NAME = 200  # leaves room for a suffix within the usual 255-byte file-name limit
 _SHOWN = 4  # how many point names a message lists before "+N more"
+# Far more runs than a sweep of small CNNs needs; a bigger grid is a typo (a range written out
+# by a script) and would take minutes and gigabytes to expand, check and record.
+MAX_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,15 @@ def expand_grid(swept: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any]) ->
     if not swept:
         raise NormcliError("nothing to sweep: give at least one option with a list of values")
     for key, values in swept.items():
-        _check_values(key, values, fixed)
+        _check_list(key, values, fixed)
+    count = math.prod(len(values) for values in swept.values())
+    if count > MAX_POINTS:
+        sizes = " x ".join(f"{len(values):,} {key}" for key, values in swept.items())
+        raise NormcliError(
+            f"the grid has {count:,} points ({sizes}); a sweep runs at most {MAX_POINTS:,}"
+        )
+    for key, values in swept.items():
+        _check_repeats(key, values)
     keys = list(swept)
     labels = {key: _safe_key(key) for key in keys}
     points = []
@@ -80,17 +91,27 @@ def expand_grid(swept: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any]) ->
     return points
 
 
-def _check_values(key: str, values: Any, fixed: Mapping[str, Any]) -> None:
-    """Refuse a swept option that is also fixed, not a list, empty, or with a repeat."""
+def _check_list(key: str, values: Any, fixed: Mapping[str, Any]) -> None:
+    """Refuse a swept option that is also fixed, not a list, or empty."""
     if key in fixed:
         raise NormcliError(f"option {key} is both swept and fixed; give it once")
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise NormcliError(f"option {key}: the swept values must be a list")
     if not values:
         raise NormcliError(f"option {key}: the list of values to sweep is empty")
+
+
+def _check_repeats(key: str, values: Sequence[Any]) -> None:
+    """Refuse a value given twice. Equal, not identical: 1 and 1.0 are the same run (a dict
+    compares keys so, and finds them at once; values it cannot hold are compared one by one)."""
+    seen: dict[Any, None] = {}
     for i, value in enumerate(values):
-        # == on purpose: 1 and 1.0 are the same run, so a repeat of either is refused.
-        if any(value == earlier for earlier in values[:i]):
+        try:
+            repeat = value in seen
+            seen[value] = None
+        except TypeError:
+            repeat = any(value == earlier for earlier in values[:i])
+        if repeat:
             raise NormcliError(f"option {key}: value {value!r} is given twice")
 
 

@@ -15,6 +15,11 @@ from normcli.errors import NormcliError
 # What the file at a point's output is to that point (see `examine_output`).
 MISSING, UNUSABLE, UNFINISHED, FINISHED = "missing", "unusable", "unfinished", "finished"
 
+# Options a point may leave to the machine that runs it, and the value that says so: the
+# thread count, and the precision and memory layout that normcli.tuning picks when the run
+# starts. A checkpoint records what ran; any recorded value matches a point that left it open.
+DECIDED_AT_START = {"threads": None, "precision": "auto", "channels_last": None}
+
 
 def train_point(
     options: dict, output: str, *, data_dir: str | None = None, device: str = "cpu"
@@ -58,9 +63,7 @@ def examine_output(options: Mapping[str, Any], path: str | os.PathLike) -> tuple
     meta = CheckpointMeta.from_strings(raw, str(path))
     expected = _resolved(options)
     recorded = meta.run.options()
-    # threads None: the point leaves the count to the machine that ran it.
-    differing = [k for k in expected if expected[k] != recorded[k]]
-    differing = [k for k in differing if not (k == "threads" and expected[k] is None)]
+    differing = [k for k in expected if expected[k] != recorded[k] and not _left_open(k, expected)]
     if differing:
         there, here = recorded, expected
         shown = "; ".join(
@@ -95,6 +98,11 @@ def point_identity(options: Mapping[str, Any]) -> str:
     except (NormcliError, TypeError):
         resolved = dict(options)
     return json.dumps(resolved, sort_keys=True, default=repr)
+
+
+def _left_open(key: str, options: Mapping[str, Any]) -> bool:
+    """Whether the point leaves option `key` to the machine that runs it."""
+    return key in DECIDED_AT_START and options[key] == DECIDED_AT_START[key]
 
 
 def _resolved(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -359,3 +359,23 @@ def test_adding_a_field_to_train_args_needs_no_other_edit(tmp_path: Path) -> Non
     assert "<float>" in helps[0] and "default: 0.25" in helps[0]  # train: a number
     assert "<str>" in helps[1] and "default" not in helps[1]  # sweep: a comma list
     assert lines[-1] == "checkpoints/mnist_mnist_net_bn_e2_wu0.5_s1.safetensors"
+
+
+def test_data_checks_both_splits_and_prints_the_folder(tiny_data, cli) -> None:
+    from conftest import TINY_TEST, TINY_TRAIN
+
+    result = cli("data", "mnist", "--data-dir", tiny_data, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"dataset": "mnist", "data_dir": str(tiny_data.resolve()),
+                                         "train": TINY_TRAIN, "test": TINY_TEST}  # fmt: skip
+    assert cli("data", "mnist", "--data-dir", tiny_data).stdout.strip() == str(tiny_data.resolve())
+
+
+def test_data_with_no_files_offline_is_one_line_and_creates_nothing(tmp_path, cli) -> None:
+    from conftest import OFFLINE
+
+    where = tmp_path / "nowhere"
+    result = cli("data", "cifar10", "--data-dir", where, env=OFFLINE)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "cifar10" in result.stderr.lower()
+    assert not where.exists()

@@ -377,7 +377,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory, cli_data: Path) -> dict[s
     folder = tmp_path_factory.mktemp("launched")
     data = cli_data
     tiny = write_synthetic("mnist", folder / "tiny", 64, 32)
-    paths = {name: folder / f"{name}.safetensors" for name in ("int", "kill", "nodes")}
+    paths = {name: folder / f"{name}.safetensors" for name in ("int", "term", "kill", "nodes")}
     port = free_port()
     node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "normcli",
@@ -386,14 +386,16 @@ def launched(tmp_path_factory: pytest.TempPathFactory, cli_data: Path) -> dict[s
             "--out", str(paths["nodes"])]  # fmt: skip
     procs = {
         "int": start(train_args(data, paths["int"])),
+        "term": start(train_args(data, paths["term"])),
         "kill": start(train_args(data, paths["kill"])),
         "node0": start(node, module="torch.distributed.run"),
         "node1": start(node, module="torch.distributed.run"),
     }
-    # Once its first epoch is saved: Ctrl-C (the launcher and its workers) to one run, SIGKILL
-    # to rank 1 of the other.
+    # Once its first epoch is saved: Ctrl-C (the launcher and its workers) to one run, SIGTERM
+    # to the launcher of another (as `kill PID` sends it), SIGKILL to rank 1 of the third.
     stop = {
         "int": lambda proc: os.killpg(proc.pid, signal.SIGINT),
+        "term": lambda proc: os.kill(proc.pid, signal.SIGTERM),
         "kill": lambda proc: os.kill(workers(proc.pid)[1], signal.SIGKILL),
     }
     deadline = time.monotonic() + 240
@@ -415,6 +417,16 @@ def launched(tmp_path_factory: pytest.TempPathFactory, cli_data: Path) -> dict[s
 
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "error" in line.lower()]
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_with_143(launched: dict[str, Any]) -> None:
+    code, out, err = launched["results"]["term"]
+    path = launched["paths"]["term"]
+    assert code == 143, err
+    assert out == "" and "Traceback" not in err
+    [line] = error_lines(err)
+    assert line.startswith("normcli: error: interrupted; ") and f"--resume {path} " in line
+    assert 1 <= len(read_metadata(path).history) < 4  # saved epochs, resumable
 
 
 def test_ctrl_c_stops_every_rank_once_and_resume_is_bit_exact(

@@ -112,6 +112,80 @@ def test_options_that_cannot_be_swept_are_refused(cli, sweep_data: Path, tmp_pat
     assert result.exit_code == 2 and "--resume" in result.stderr
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_MANY = ",".join(str(n) for n in range(1, 1001))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--workers", "0"), "--workers must be a whole number >= 1, not 0"),
+        (("--workers", "1000000"), "--workers 1000000 runs at once need 1000000 CPUs (1 per run)"),
+        (("--retries", "-1"), "--retries must be a whole number >= 0, not -1"),
+        (("--gpus-per-run", "nan"), "--gpus-per-run must be a number >= 0, not nan"),
+        (("--cpus-per-run", "0"), "--cpus-per-run must be a whole number >= 1, not 0"),
+        (("--address", "nowhere"), "Ray address 'nowhere' is not HOST:PORT or 'auto'"),
+        (("--address", "127.0.0.1:{port}"), "no Ray cluster at 127.0.0.1:{port}"),
+        (("--val", "200", "--limit", "200"), "--val 200 leaves no training images of the 200"),
+        (("--threads", "1,2", "--cpus-per-run", "1"), "--threads 2 is more than"),
+        (("--seed", _MANY, "--lr", _MANY), "the grid has 2,000,000 points"),
+    ],
+)
+def test_engine_options_and_big_grids_are_refused_before_anything_is_written(
+    cli, sweep_data: Path, tmp_path: Path, extra: tuple[str, ...], expected: str
+) -> None:
+    out = tmp_path / "new" / "sweep"
+    port = str(_closed_port())
+    extra = tuple(arg.replace("{port}", port) for arg in extra)
+    started = time.perf_counter()
+    result = cli("sweep", "--data-dir", sweep_data, "--seed", "1,2", "--norm", "bn,gn", *TINY,
+                 *extra, "--out", out)  # fmt: skip
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected.replace("{port}", port) in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []  # not even the folder
+    assert time.perf_counter() - started < 10  # no Ray start-up, no grid expanded
+
+
+def test_an_out_that_is_a_file_is_refused(cli, sweep_data: Path, tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("mine")
+    made = f"{file / 's'} cannot be made: {file} is not a folder"
+    for out, line in ((file, f"{file} is not a folder"), (file / "s", made)):
+        result = cli(*_args(sweep_data, out, "--seed", "1,2"))
+        assert (result.exit_code, result.stderr) == (2, f"normcli: error: {line}\n")
+    assert file.read_text() == "mine" and list(tmp_path.iterdir()) == [file]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_share_no_node_has_is_refused_before_the_manifest(
+    cli, sweep_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    result = cli(*_args(sweep_data, out, "--seed", "1,2"), "--gpus-per-run", "1")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("normcli: error: no Ray node has 1 CPUs and 1 GPUs")
+    assert len(result.stderr.splitlines()) == 1
+    assert not out.exists()  # the folder made for it went with the refusal
+
+
+def test_threads_can_be_swept() -> None:
+    from normcli.cli.sweep import sweep_grid
+
+    swept, fixed, points = sweep_grid({"threads": "1,2", "norm": "gn", "seed": None}, 2)
+    assert swept == {"threads": [1, 2]} and fixed == {"norm": "gn"}
+    assert [(p.name, p.options["threads"]) for p in points] == [("threads-1", 1), ("threads-2", 2)]
+    _, fixed, _ = sweep_grid({"seed": "1,2"}, 3)
+    assert fixed == {"threads": 3}  # one value for every run: the CPUs each reserves
+
+
 # --- four runs on an embedded Ray ---------------------------------------------------------------
 
 

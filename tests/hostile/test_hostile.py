@@ -367,6 +367,62 @@ def test_processes_started_together_let_exactly_one_claim(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_what_a_killed_claimant_left_is_removed_unless_the_claim_is_held(tmp_path: Path) -> None:
+    """A sweep's run killed while writing (Ctrl-C's grace over) leaves its claim's lock file
+    and a temporary file: the driver removes them once no live process holds the claim."""
+    import fcntl
+
+    from normcli.files import release_stale_claim
+
+    path = tmp_path / "run.safetensors"
+    leftovers = [".run.safetensors.lock", ".run.safetensors.x1.tmp"]
+
+    def killed_while_writing() -> None:
+        with exclusive_output(path):
+            (tmp_path / leftovers[1]).write_bytes(b"half a checkpoint")
+            os._exit(9)
+
+    child = multiprocessing.get_context("fork").Process(target=killed_while_writing)
+    child.start()
+    child.join(30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == leftovers
+    fd = os.open(tmp_path / leftovers[0], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live holder
+    release_stale_claim(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == leftovers  # not touched
+    os.close(fd)
+    release_stale_claim(path)
+    assert list(tmp_path.iterdir()) == []
+    release_stale_claim(path)  # nothing there: nothing to do
+
+
+def test_a_checkpoint_another_run_wrote_meanwhile_is_kept(
+    cli, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two trainings with one --out (two `train --nproc` runs check it seconds before rank 0
+    claims it): the one that claims second finds the other's finished file and stops."""
+    import normcli.train
+
+    out = tmp_path / "run.safetensors"
+    start_run = normcli.train.start_run
+
+    def while_another_run_finishes(*args: object, **kwargs: object) -> object:
+        run = start_run(*args, **kwargs)
+        out.write_bytes(b"the other run's checkpoint")
+        return run
+
+    monkeypatch.setattr(normcli.train, "start_run", while_another_run_finishes)
+    result = cli("train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "50",
+                 "--device", "cpu", "--out", out)  # fmt: skip
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"normcli: error: {out} was written by another run meanwhile; pass --overwrite to "
+        "replace it, or --out elsewhere\n"
+    )
+    assert out.read_bytes() == b"the other run's checkpoint"
+    assert list(tmp_path.iterdir()) == [out]  # no claim or temporary file left
+
+
 # --- 3. signals and start-up -------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from normcli.sweep import (
     MANIFEST_NAME,
     NEEDS_RAY,
     Point,
+    claim_sweep,
     compare_manifest,
     create_manifest,
     expand_grid,
@@ -158,6 +159,8 @@ def test_grid_order_names_and_options() -> None:
         ({"norm": ["bn"]}, {"norm": "gn"}, ["norm", "both swept and fixed"]),
         ({"tag": ["a b", "a/b"]}, {}, ["tag-a~b"]),  # different values, same safe name
         ({}, {"epochs": 1}, ["nothing to sweep"]),
+        ({"a": list(range(1000)), "b": list(range(1000))}, {}, ["1,000,000 points", "10,000"]),
+        ({"seed": [[1], [2], [1]]}, {}, ["seed", "twice"]),  # values a dict cannot hold
     ],
 )
 def test_grid_refusals(swept: dict, fixed: dict, words: list[str]) -> None:
@@ -172,6 +175,35 @@ def test_grid_refusals(swept: dict, fixed: dict, words: list[str]) -> None:
 
 SWEPT = {"norm": ["bn", "gn"], "seed": [1, 2]}
 FIXED = {"epochs": 2, "lr": 1e-3}
+
+
+def test_a_big_grid_is_checked_quickly() -> None:
+    """Refused at once above the limit (never expanded); repeats found in one pass below it."""
+    started = time.perf_counter()
+    with pytest.raises(NormcliError, match="the grid has 10,000,000,000 points"):
+        expand_grid({"a": list(range(10**5)), "b": list(range(10**5))}, {})
+    with pytest.raises(NormcliError, match="value 0 is given twice"):
+        expand_grid({"seed": [*range(9_999), 0]}, {})
+    assert len(expand_grid({"seed": list(range(10_000))}, {})) == 10_000
+    assert time.perf_counter() - started < 5
+
+
+def test_a_sweep_folder_is_claimed_once_and_a_new_one_removed_after_a_failure(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError), claim_sweep(folder):
+        assert folder.is_dir() and (folder / ".manifest.json.lock").exists()
+        with claim_sweep(folder):  # the same process again: nested, not refused
+            pass
+        raise RuntimeError("the sweep failed before writing anything")
+    assert list(tmp_path.iterdir()) == []  # both folders made for it are gone again
+    with claim_sweep(folder):
+        (folder / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]  # claim released
+    (tmp_path / "file").touch()
+    with pytest.raises(NormcliError, match="cannot be made: .*file is not a folder"):
+        claim_sweep(tmp_path / "file" / "sweep").__enter__()
 
 
 def test_manifest_round_trip_and_atomic_write(
@@ -371,10 +403,13 @@ def test_import_without_ray_and_the_install_hint(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"workers": 0}, "--workers"),
-        ({"cpus_per_run": 0}, "--cpus-per-run"),
-        ({"gpus_per_run": -1.0}, "--gpus-per-run"),
-        ({"max_retries": -1}, "--max-retries"),
+        ({"workers": 0}, "workers must be"),
+        ({"cpus_per_run": 0}, "cpus_per_run must be"),
+        ({"gpus_per_run": -1.0}, "gpus_per_run must be"),
+        ({"gpus_per_run": float("nan")}, "gpus_per_run must be"),
+        ({"gpus_per_run": 1.5}, "gpus_per_run above 1 must be a whole number"),
+        ({"max_retries": -1}, "max_retries must be"),
+        ({"workers": 10**6}, "this machine has"),
         ({"folder": "/no/such/folder"}, "does not exist"),
         ({"suffix": "/x.json"}, "suffix"),
     ],
