@@ -179,7 +179,7 @@ def test_a_killed_sweep_driver_leaves_no_ray_behind(
         assert len(_ray_processes(ray_tmp)) > 3  # driver, GCS, raylet, agents, workers
         proc.kill()
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 45  # under load; Ray alone takes a minute or more
         while (_ray_processes(ray_tmp) or list(ray_tmp.iterdir())) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _ray_processes(ray_tmp) == [] and list(ray_tmp.iterdir()) == []
