@@ -100,14 +100,15 @@ def _setup_table(rows: list, records: list, names: list, keys: list) -> Table:
 
 def _runs_table(records: list, names: list, rows: list, keys: list) -> Table:
     """One line per run: its file, group, seed, epochs, training time and final accuracy."""
-    group_of = {}
-    for row, name in zip(rows, names, strict=True):
+    group_of = {}  # path -> (the group's place in the comparison table, its name)
+    for place, (row, name) in enumerate(zip(rows, names, strict=True)):
         for record in grouping.members(row, records, keys):
-            group_of[record["path"]] = name
+            group_of[record["path"]] = (place, name)
+    ordered = sorted(records, key=lambda r: (group_of[r["path"]][0], r["seed"], r["path"]))
     cells = [
-        [Path(r["path"]).stem, group_of[r["path"]], r["seed"], r["epochs"],
+        [Path(r["path"]).stem, group_of[r["path"]][1], r["seed"], r["epochs"],
          round(r["seconds"]), number(r["test_accuracy"], 2)]
-        for r in records
+        for r in ordered
     ]  # fmt: skip
     columns = ["run", "group", "seed", "epochs", "training (s)", "final test accuracy (%)"]
     return simple_table(columns, cells)

@@ -231,11 +231,12 @@ def test_summary_of_checkpoint_compare_and_list(cli, tiny_checkpoints):
 
     listing = json.loads(cli("summary", "--list", "--json").stdout)
     rows = {r["name"]: r for r in listing}
-    assert set(rows) == {"mnist_net", "cifar_net", "cifar_net_p4"}
+    assert set(rows) == {"mnist_net", "mnist_net_w16", "cifar_net", "cifar_net_p4"}
     assert [n for n, r in rows.items() if r["default"]] == ["cifar_net", "mnist_net"]
     assert {n: r["default_groups"] for n, r in rows.items()} == {
-        "cifar_net": 2, "cifar_net_p4": 4, "mnist_net": 4
+        "cifar_net": 2, "cifar_net_p4": 4, "mnist_net": 4, "mnist_net_w16": 4
     }  # fmt: skip
+    assert rows["mnist_net_w16"]["valid_groups"] == [1, 2, 4, 8, 16]
 
 
 def test_tables_piped_without_a_terminal_width_are_not_squeezed(monkeypatch) -> None:

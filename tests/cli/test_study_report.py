@@ -177,6 +177,25 @@ def test_the_markdown_twin_has_the_same_tables_and_its_figures(study: Study) -> 
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
+def test_the_runs_table_follows_the_comparison_groups_then_the_seed(study: Study, tmp_path):
+    # File names that sort against the groups and the seeds: the table must not follow them.
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    for path in study.folder.glob("*.safetensors"):
+        name, seed = path.stem.rsplit("_s", 1)
+        shutil.copy(path, folder / f"{9 - int(seed)}_{'zyx'[list(RUNS).index(name)]}.safetensors")
+    out = tmp_path / "renamed.html"
+    result = run_cli("report", folder, "--out", out, "--no-eval")
+    assert result.exit_code == 0, result.stderr
+    page = Page(out.read_text())
+    (comparison,) = page.tables["comparison"]
+    group_column = comparison["head"].index("group")
+    order = [r["cells"][group_column]["text"] for r in comparison["rows"]]
+    (runs,) = [t for t in page.tables["run"] if t["head"][:3] == ["run", "group", "seed"]]
+    listed = [(r["cells"][1]["text"], int(r["cells"][2]["text"])) for r in runs["rows"]]
+    assert listed == [(group, seed) for group in order for seed in SEEDS]
+
+
 def test_differences_read_welch_intervals_in_plain_words(study: Study, cli) -> None:
     expected = {r["norm"]: r["test_accuracy"] for r in json.loads(
         cli("eval", study.folder, "--group-by", "norm", "--json").stdout)}  # fmt: skip
