@@ -87,6 +87,11 @@ class ResumeState(TypedDict):
     steps_per_epoch: int
 
 
+def utc_now() -> str:
+    """The time now, UTC, ISO 8601: how checkpoints write their times."""
+    return datetime.now(timezone.utc).isoformat()
+
+
 @dataclass
 class CheckpointMeta:
     """Everything needed to rebuild, describe and resume a run; each key is stored once, as
@@ -103,8 +108,9 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
     normcli_version: str = __version__
     torch_version: str = torch.__version__
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created: str = field(default_factory=lambda: utc_now())  # when this file was written
     machine: MachineRecord | None = None  # where it trained; None in files from before
+    started: str | None = None  # when the run first started (UTC); None in files from before
 
     @property
     def dataset(self) -> str:

@@ -28,6 +28,7 @@ from normcli.checkpoint import (
     EpochRecord,
     ResumeState,
     save_checkpoint,
+    utc_now,
 )
 from normcli.config import RunSpec, TrainArgs
 from normcli.data import Augment, Dataset, Split, get_dataset, load_split
@@ -69,6 +70,7 @@ class Run:
     ddp: nn.Module | None = None  # with several processes: DDP around `model`, for training
     saved_epochs: int = 0  # epochs in the checkpoint last written (or resumed from)
     ema: AveragedModel | None = None  # with --ema: the weights' average, evaluated and saved
+    started: str | None = field(default_factory=utc_now)  # first start; resumed: the file's
 
     @property
     def evaluated(self) -> nn.Module:
@@ -255,6 +257,7 @@ def checkpoint_meta(run: Run) -> CheckpointMeta:
         history=list(run.history),
         resume=ResumeState(epoch=run.epoch, steps_per_epoch=run.steps_per_epoch),
         machine=describe_machine(run.device),
+        started=run.started,
     )
 
 
@@ -336,6 +339,7 @@ def restore_run(run: Run, ckpt: Checkpoint) -> None:
         run.optimizer.state[params[i]]["momentum_buffer"] = buffer.to(params[i].device).clone()
     _advance_schedule(run.scheduler, epoch * steps)
     run.history = list(ckpt.meta.history)
+    run.started = ckpt.meta.started  # None from files that predate the field: unknown
     run.saved_epochs = epoch
 
 
