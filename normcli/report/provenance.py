@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,51 @@ def environment(metas: Sequence[CheckpointMeta]) -> list[tuple[str, str]]:
         ("machine", _counted([machine_text(m) for m in metas])),
         ("CPU threads per run", _counted(threads)),
         ("training time", _training_time(seconds)),
+        ("wall time", wall_time_text(metas)),
         ("last saved (UTC)", span),
     ]
+
+
+def _moment(text: Any) -> datetime | None:
+    """An ISO time from a file, or None where it is missing or not a time with a zone."""
+    try:
+        moment = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def wall_seconds(metas: Sequence[CheckpointMeta]) -> tuple[float, int]:
+    """(seconds during which at least one run was training, runs that say when they ran):
+    the union of every run's interval from its first start to its last save, so that runs
+    side by side count once and pauses between runs not at all."""
+    spans = sorted(
+        (start, end)
+        for start, end in ((_moment(m.started), _moment(m.created)) for m in metas)
+        if start is not None and end is not None and start <= end
+    )
+    total, reach = 0.0, None
+    for start, end in spans:
+        if reach is None or start > reach:
+            total += (end - start).total_seconds()
+            reach = end
+        elif end > reach:
+            total += (end - reach).total_seconds()
+            reach = end
+    return total, len(spans)
+
+
+def wall_time_text(metas: Sequence[CheckpointMeta]) -> str:
+    """'1,234 s (20.6 min) while any run trained, ...', or why the files cannot say."""
+    seconds, known = wall_seconds(metas)
+    if known == 0:
+        return "not recorded (the checkpoints predate the start time)"
+    text = (f"{seconds:,.0f} s ({seconds / 60:.1f} min) while any run was training, from each "
+            "run's start (data loaded, network built) to its last save; gaps between runs "
+            "excluded")  # fmt: skip
+    if known < len(metas):
+        text += f"; {len(metas) - known} of {len(metas)} runs do not record when they started"
+    return text
 
 
 def _training_time(seconds: Sequence[float]) -> str:

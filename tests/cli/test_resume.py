@@ -129,7 +129,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
             victim.communicate()
     assert victim.returncode == -signal.SIGKILL
 
-    saved = len(read_metadata(killed_path).history)
+    before = read_metadata(killed_path)
+    saved = len(before.history)
     assert 1 <= saved < EPOCHS, "the kill must land after epoch 1 is saved and before the end"
 
     resumed = cli("train", "--resume", killed_path, "--data-dir", resume_data, "--device", "cpu")
@@ -144,7 +145,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
     assert any(k.startswith("model.") for k in resumed_tensors)
     for key, value in reference_tensors.items():  # weights, BN statistics, momentum, RNG states
         assert torch.equal(resumed_tensors[key], value), key
-    load_checkpoint(killed_path)  # and it is a valid model
+    after = load_checkpoint(killed_path).meta  # and it is a valid model
+    assert after.started == before.started < before.created < after.created  # the first start
 
 
 def test_sigint_stops_cleanly_with_a_resume_hint(resume_data: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ hand, its Markdown twin, its self-containedness, and the page in a real browser 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import json
@@ -22,10 +23,10 @@ import pytest
 import torch
 from conftest import run_cli, train_tiny
 
-from normcli.checkpoint import read_file, read_metadata
+from normcli.checkpoint import CheckpointMeta, load_checkpoint, read_file, read_metadata
 from normcli.machine import cpu_model
 from normcli.report.groups import grouping_keys, pooled_settings
-from normcli.report.provenance import sweep_command, train_command
+from normcli.report.provenance import sweep_command, train_command, wall_seconds, wall_time_text
 from normcli.report.render import CONTENT_SECURITY_POLICY
 from normcli.stats import t_quantile
 
@@ -194,6 +195,22 @@ def test_the_runs_table_follows_the_comparison_groups_then_the_seed(study: Study
     (runs,) = [t for t in page.tables["run"] if t["head"][:3] == ["run", "group", "seed"]]
     listed = [(r["cells"][1]["text"], int(r["cells"][2]["text"])) for r in runs["rows"]]
     assert listed == [(group, seed) for group in order for seed in SEEDS]
+
+
+def test_wall_time_is_the_union_of_the_runs_intervals(tiny_checkpoints: dict) -> None:
+    meta = load_checkpoint(tiny_checkpoints["gn"]).meta
+    assert meta.started is not None and meta.started <= meta.created
+
+    def ran(start: int, end: int) -> CheckpointMeta:  # minutes past midnight
+        return dataclasses.replace(meta, started=f"2026-01-01T00:{start:02d}:00+00:00",
+                                   created=f"2026-01-01T00:{end:02d}:00+00:00")  # fmt: skip
+
+    unknown = [dataclasses.replace(meta, started=s) for s in (None, "yesterday", "2026-01-01")]
+    runs = [ran(20, 30), ran(0, 10), ran(5, 12), ran(6, 8), *unknown]
+    assert wall_seconds(runs) == (22 * 60.0, 4)  # 0-12 and 20-30: side by side counts once
+    text = wall_time_text(runs)
+    assert text.startswith("1,320 s (22.0 min)") and "3 of 7 runs" in text
+    assert wall_time_text(unknown).startswith("not recorded")
 
 
 def test_differences_read_welch_intervals_in_plain_words(study: Study, cli) -> None:
