@@ -226,21 +226,9 @@ def mnist_net(
 ) -> nn.Module:
     """28x28 grey-scale CNN (MNIST, Fashion-MNIST, KMNIST), 8.9k parameters: two 3x3 convs,
     max-pool, 1x1 squeeze, four 3x3 convs, global average pooling."""
-
-    def block(cin: int, cout: int, drop: float = dropout, **kw: int) -> ConvBlock:
-        return ConvBlock(cin, cout, norm_layer, conv_layer=conv_layer, dropout=drop, **kw)
-
-    features = nn.Sequential(
-        block(1, 8),  # 28 -> 26, receptive field 3
-        block(8, 16),  # 26 -> 24, RF 5
-        nn.MaxPool2d(2),  # 24 -> 12, RF 6
-        block(16, 8, kernel_size=1),  # squeeze channels before the next stage
-        block(8, 12),  # 12 -> 10, RF 10
-        block(12, 16),  # 10 -> 8, RF 14
-        block(16, 16),  # 8 -> 6, RF 18
-        block(16, 16, drop=0.0, padding=1),  # 6 -> 6, RF 22; no dropout before the head
-    )
-    return Classifier(features, 16, num_classes)
+    # 28 -> 26 -> 24 (RF 5), pool -> 12, squeeze to 8, 12 -> 10 -> 8 -> 6, padded 6 (RF 22)
+    widths = (8, 16, 8, 12, 16, 16, 16)
+    return _grey_net(widths, norm_layer, conv_layer, num_classes, dropout)
 
 
 @register("mnist_net_w16", input_shape=(1, 28, 28), default_groups=4)
@@ -254,20 +242,32 @@ def mnist_net_w16(
     """mnist_net at a constant width of 16 for the group-count study: every norm layer has 16
     channels, so GroupNorm takes G = 1 (= LN), 2, 4, 8 and 16 (= IN). Same budget rule as
     mnist_net (< 10k parameters: 9,978 with BN): one 3x3 conv fewer pays for the width."""
+    # 28 -> 26 -> 24 (RF 5), pool -> 12, 1x1 mixing, 12 -> 10 -> 8, padded 8 (RF 18)
+    return _grey_net((16,) * 6, norm_layer, conv_layer, num_classes, dropout)
+
+
+def _grey_net(
+    widths: tuple[int, ...],
+    norm_layer: NormLayer,
+    conv_layer: type[nn.Conv2d],
+    num_classes: int,
+    dropout: float,
+) -> nn.Module:
+    """The 28x28 networks, by the output channels of their convs: two 3x3, a max-pool, a 1x1,
+    3x3s, and a last padded 3x3 without dropout (nothing is dropped before the head)."""
 
     def block(cin: int, cout: int, drop: float = dropout, **kw: int) -> ConvBlock:
         return ConvBlock(cin, cout, norm_layer, conv_layer=conv_layer, dropout=drop, **kw)
 
-    features = nn.Sequential(
-        block(1, 16),  # 28 -> 26, receptive field 3
-        block(16, 16),  # 26 -> 24, RF 5
-        nn.MaxPool2d(2),  # 24 -> 12, RF 6
-        block(16, 16, kernel_size=1),  # mixes channels at no width change
-        block(16, 16),  # 12 -> 10, RF 10
-        block(16, 16),  # 10 -> 8, RF 14
-        block(16, 16, drop=0.0, padding=1),  # 8 -> 8, RF 18; no dropout before the head
-    )
-    return Classifier(features, 16, num_classes)
+    first, second, mixed, *middle, last = widths
+    layers = [block(1, first), block(first, second), nn.MaxPool2d(2)]
+    layers.append(block(second, mixed, kernel_size=1))
+    cin = mixed
+    for cout in middle:
+        layers.append(block(cin, cout))
+        cin = cout
+    layers.append(block(cin, last, drop=0.0, padding=1))
+    return Classifier(nn.Sequential(*layers), last, num_classes)
 
 
 # GroupNorm groups for cifar_net: 2 (8 of 16 channels per group up to 22 of 44) measured
