@@ -91,7 +91,10 @@ def local_ray(ray: Any, num_cpus: int, *, level: int, verbose: bool) -> Iterator
     folder = tempfile.mkdtemp(prefix="normcli-ray-", dir=ray_temp_root())
     reaper = _start_reaper(folder)
     try:
-        with kept_signal_handlers(), ray_environment(**{MARKER: folder}):
+        # Ray runs its workers at niceness 15, so a sweep's trainings would starve beside any
+        # other work on the machine; they are this command's work: the driver's niceness.
+        workers = {MARKER: folder, "RAY_worker_niceness": str(os.nice(0))}
+        with kept_signal_handlers(), ray_environment(**workers):
             _init(ray, num_cpus, folder, level, verbose)
         yield
     finally:

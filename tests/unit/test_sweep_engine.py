@@ -61,6 +61,7 @@ def sleepy(options: dict, output: str) -> dict:
         "x": options.get("x"),
         "node": ray.get_runtime_context().get_node_id(),
         "omp": os.environ.get("OMP_NUM_THREADS"),
+        "nice": os.nice(0),
     }
 
 
@@ -497,6 +498,9 @@ def test_sweep_on_its_own_embedded_ray(tmp_path: Path) -> None:
         assert json.loads((tmp_path / f"{p.name}.json").read_text()) == p.options
         assert outcomes[p.name].result["x"] == p.options["x"]
         assert outcomes[p.name].result["omp"] == "1"  # one thread per reserved CPU
+        # Ray's default niceness (15) would starve the runs beside any other work (measured:
+        # a 2-second run took 90 s beside three trainings on 2 cores).
+        assert outcomes[p.name].result["nice"] == os.nice(0)
         assert outcomes[p.name].attempts == 1
     assert [e[1] for e in events if e[0] == "started"] == [p.name for p in points]
     assert sorted(e[1] for e in events if e[0] == "finished") == sorted(p.name for p in points)
