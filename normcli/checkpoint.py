@@ -108,7 +108,7 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
     normcli_version: str = __version__
     torch_version: str = torch.__version__
-    created: str = field(default_factory=lambda: utc_now())  # when this file was written
+    created: str = field(default_factory=utc_now)  # when this file was written
     machine: MachineRecord | None = None  # where it trained; None in files from before
     started: str | None = None  # when the run first started (UTC); None in files from before
 

@@ -133,12 +133,10 @@ def wall_seconds(metas: Sequence[CheckpointMeta]) -> tuple[float, int]:
         for start, end in ((_moment(m.started), _moment(m.created)) for m in metas)
         if start is not None and end is not None and start <= end
     )
-    total, reach = 0.0, None
+    total, reach = 0.0, None  # reach: the latest end counted so far
     for start, end in spans:
-        if reach is None or start > reach:
-            total += (end - start).total_seconds()
-            reach = end
-        elif end > reach:
+        reach = start if reach is None else max(reach, start)
+        if end > reach:
             total += (end - reach).total_seconds()
             reach = end
     return total, len(spans)
