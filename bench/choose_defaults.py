@@ -46,7 +46,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def one(
     norm: str, seed: int, epochs: int, batch_size: int, lr: float, augment: str, val: int,
-    out: Path, data_dir: Path,
+    ema: float, label_smoothing: float, out: Path, data_dir: Path,
 ) -> None:  # fmt: skip
     """One run (used by `train`); an interrupted one continues from its checkpoint."""
     from normcli.config import RunSpec
@@ -58,7 +58,7 @@ def one(
         return
     spec = RunSpec.from_options(
         dataset="mnist", norm=norm, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-        l1=RUNS[norm], val=val, threads=1,
+        l1=RUNS[norm], val=val, ema=ema, label_smoothing=label_smoothing, threads=1,
     )  # fmt: skip
     train(spec, data_dir=data_dir, device="cpu", out=out, overwrite=True)
 
@@ -73,6 +73,8 @@ def train_runs(
     seeds: Annotated[str, typer.Option()] = "1,2,3",
     norms: Annotated[str, typer.Option()] = "bn,gn,ln",
     val: Annotated[int, typer.Option(help="Held-out training images.")] = 5000,
+    ema: Annotated[float, typer.Option(help="Decay of the weights' moving average; 0: off.")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing; 0: off.")] = 0.0,
     jobs: Annotated[int, typer.Option(help="Runs at a time (one thread each).")] = 2,
     data_dir: machine.DataDirOpt = None,
 ) -> None:
@@ -87,7 +89,8 @@ def train_runs(
         for norm in norms.split(","):
             path = out / f"{norm}_s{seed}.safetensors"
             if not path.exists() or len(read_metadata(path).history) != epochs:
-                args = [norm, seed, epochs, batch_size, lr, augment, val, path, root]
+                args = [norm, seed, epochs, batch_size, lr, augment, val, ema, label_smoothing,
+                        path, root]  # fmt: skip
                 todo.append([sys.executable, __file__, "one", *map(str, args)])
 
     def run(cmd: list[str]) -> int:
