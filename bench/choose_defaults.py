@@ -3,16 +3,19 @@
     # train: the study's three runs (BN + L1, GN, LN) per seed, 5,000 training images held out
     python bench/choose_defaults.py train --epochs 12 --seeds 1,2,3 --out runs/val/e12_affine
     python bench/choose_defaults.py train --epochs 10 --augment translate --out runs/val/e10_tr
-    # the criterion per folder and norm, on the validation split (or the test set, --on test)
+    python bench/choose_defaults.py train --epochs 6 --ema 0.999 --out runs/val/e6_ema  # a trick
+    # the criterion per folder and norm, on the validation split (or the test set, --on test);
+    # --reference F (repeatable): each folder against folder F, seed by seed; --tta: TTA too
     python bench/choose_defaults.py summarize runs/val/* --markdown bench/results/defaults_val.md
+    python bench/choose_defaults.py summarize runs/val/e15 runs/val/e6* --reference e15 --tta
 
 Each run is `normcli train --norm N --seed S --epochs E --batch-size B --lr LR --val 5000
 --threads 1` (`--l1 1e-4` for BN), through the library in a process of its own, `--jobs` at a
 time; `--augment` swaps the dataset's augmentation for one of AUGMENTS in that process only,
-which is how cheaper augmentations were tried. The criterion is the study's: every run at
->= 99.4% in each of its last three epochs, and each norm's final accuracy averaging >= 99.45%
-over at least 3 seeds. One failing seed rejects a recipe; fewer seeds without a failure leave
-it open.
+which is how cheaper augmentations were tried; `--ema` and `--label-smoothing` are the run
+options of those names. The criterion is the study's: every run at >= 99.4% in each of its
+last three epochs, and each norm's final accuracy averaging >= 99.45% over at least 3 seeds.
+One failing seed rejects a recipe; fewer seeds without a failure leave it open.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import machine  # bench/machine.py: a script's folder is on sys.path
 import typer
 
 from normcli import data
 from normcli.checkpoint import read_metadata
+from normcli.stats import mean_interval
 
 RUNS = {"bn": 1e-4, "gn": 0.0, "ln": 0.0}  # norm -> the study's L1 lambda
 AUGMENTS = {
@@ -110,58 +114,144 @@ def verdict(last3_least: list[float], finals: list[float]) -> str:
     return "yes" if statistics.mean(finals) >= FINAL_MEAN_MIN else "no"
 
 
-def folder_rows(folder: Path, on: str) -> list[dict]:
-    """Per norm in `folder`: the seeds, each run's last three and final accuracies on `on`."""
-    key, by_norm, recipe = f"{on}_accuracy", {}, None
+def recipe_text(t: Any) -> str:
+    """A run's training recipe in words, its optional tricks included."""
+    tricks = [f"EMA {t.ema:g}"] * bool(t.ema) + [f"label smoothing {t.label_smoothing:g}"] * bool(
+        t.label_smoothing
+    )
+    return ", ".join([f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}", *tricks])
+
+
+def tta_accuracy(path: Path, on: str, data_dir: Path | None, splits: dict) -> float:
+    """The final weights' accuracy (%) on `on` (the run's own held-out images, or the test set)
+    under test-time augmentation (normcli.tta): its own protocol, beside the plain number."""
+    from normcli import tta
+    from normcli.checkpoint import load_checkpoint
+    from normcli.run import hold_out
+
+    ckpt = load_checkpoint(path)
+    t, name = ckpt.meta.train_args, ckpt.meta.model_args.dataset
+    if (name, on) not in splits:
+        splits[name, on] = data.load_split(name, on != "test", machine.data_root(data_dir))
+    split = splits[name, on]
+    if on == "val":
+        split = hold_out(split, t.val, t.seed)[1]
+    return tta.evaluate_tta(ckpt.model, split, data.get_dataset(name)).accuracy
+
+
+def folder_rows(folder: Path, on: str, tta_data: Path | None | bool = False) -> list[dict]:
+    """Per norm in `folder`: the seeds, each run's last three and final accuracies on `on`, and
+    (`tta_data` not False: the data folder, None for the default) the final TTA accuracies."""
+    key, by_norm, recipe, splits = f"{on}_accuracy", {}, None, {}
     for path in sorted(folder.glob("*.safetensors")):
         meta = read_metadata(path)
         t = meta.train_args
         if len(meta.history) < t.epochs or key not in meta.history[-1]:
             continue  # unfinished, or no validation split
-        recipe = f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}"
+        recipe = recipe_text(t)
         accs = [row[key] for row in meta.history]
-        by_norm.setdefault(meta.model_args.norm, []).append((t.seed, accs))
+        tta = None if tta_data is False else tta_accuracy(path, on, tta_data, splits)
+        by_norm.setdefault(meta.model_args.norm, []).append((t.seed, accs, tta))
     rows = []
     for norm, runs in ((n, sorted(by_norm[n])) for n in RUNS if n in by_norm):
-        finals, last3 = [a[-1] for _, a in runs], [min(a[-3:]) for _, a in runs]
+        finals, last3 = [a[-1] for _, a, _ in runs], [min(a[-3:]) for _, a, _ in runs]
         rows.append({
-            "folder": folder.name, "recipe": recipe, "norm": norm, "seeds": [s for s, _ in runs],
-            "last3": [a[-3:] for _, a in runs], "last3_min": min(last3),
+            "folder": folder.name, "recipe": recipe, "norm": norm, "seeds": [s for s, *_ in runs],
+            "last3": [a[-3:] for _, a, _ in runs], "last3_min": min(last3), "finals": finals,
             "final_mean": statistics.mean(finals),
             "final_std": statistics.stdev(finals) if len(finals) > 1 else None,
             "meets": verdict(last3, finals),
+            "tta_finals": None if tta_data is False else [v for *_, v in runs],
         })  # fmt: skip
     return rows
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """mean(a - b) over the seeds both have, with the paired t 95% interval (the same seed
+    holds out the same images and starts from the same weights, so the pairs share noise)."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return None
+    mean = statistics.mean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else None
+    return {"n": len(diffs), "mean": mean, "interval": mean_interval(mean, std, len(diffs))}
+
+
+def compare(rows: list[dict], references: list[str]) -> None:
+    """Add to each row its TTA gain (TTA minus plain, paired) and, per folder named in
+    `references`, its final accuracy minus that folder's for the same norm and seeds (paired)."""
+    for row in rows:
+        finals = dict(zip(row["seeds"], row["finals"], strict=True))
+        if row["tta_finals"] is not None:
+            tta = dict(zip(row["seeds"], row["tta_finals"], strict=True))
+            row["tta_gain"] = paired(tta, finals)
+        row["vs"] = {}
+        for ref in (r for r in rows if r["folder"] in references and r["norm"] == row["norm"]):
+            if ref["folder"] != row["folder"]:
+                base = dict(zip(ref["seeds"], ref["finals"], strict=True))
+                row["vs"][ref["folder"]] = paired(finals, base)
 
 
 @app.command()
 def summarize(
     folders: list[Path],
     on: Annotated[str, typer.Option(help="val or test.")] = "val",
+    reference: Annotated[
+        list[str] | None, typer.Option(help="Folder (name) to compare with; repeatable.")
+    ] = None,
+    tta: Annotated[bool, typer.Option(help="Also evaluate the final weights with TTA.")] = False,
+    data_dir: machine.DataDirOpt = None,
     json_path: machine.JsonOpt = None,
     markdown: machine.MarkdownOpt = None,
 ) -> None:
     """The criterion per folder and norm, on the validation split or the test set."""
-    rows = [row for folder in folders for row in folder_rows(folder, on)]
-    report = machine.new_report(settings={"on": on}, rows=rows)
+    reference = reference or []
+    missing = sorted(set(reference) - {f.name for f in folders})
+    if missing:
+        message = f"not among the folders: {', '.join(missing)}"
+        raise typer.BadParameter(message, param_hint="--reference")
+    tta_data = data_dir if tta else False
+    rows = [row for folder in folders for row in folder_rows(folder, on, tta_data)]
+    compare(rows, reference)
+    settings = {"on": on, "reference": reference, "tta": tta}
+    report = machine.new_report(settings=settings, rows=rows)
     del report["load_average_before"]  # a summary of earlier runs: no load of its own
     machine.write_reports(report, json_path, markdown, render_markdown)
     print(render_markdown(report), file=sys.stderr)
 
 
+def difference_text(d: dict | None) -> str:
+    """A paired difference as '+0.12 [-0.03, +0.27] (n 5)', or '' where there is none."""
+    if d is None:
+        return ""
+    ci = "" if d["interval"] is None else " [{:+.2f}, {:+.2f}]".format(*d["interval"])
+    return f"{d['mean']:+.2f}{ci} (n {d['n']})"
+
+
 def render_markdown(report: dict) -> str:
     """The summary as a Markdown page: one row per folder and norm."""
-    on = report["settings"]["on"]
-    cells = [[r["folder"], r["recipe"], r["norm"], ",".join(map(str, r["seeds"])),
-              "; ".join(" / ".join(f"{v:.2f}" for v in a) for a in r["last3"]),
-              f"{r['last3_min']:.2f}", machine.mean_std(r["final_mean"], r["final_std"], 2),
-              r["meets"]] for r in report["rows"]]  # fmt: skip
+    on, settings = report["settings"]["on"], report["settings"]
     columns = ["folder", "recipe", "run", "seeds", f"{on} acc, last three epochs per seed",
                "least", "final mean ± std", "meets"]  # fmt: skip
+    if settings.get("tta"):
+        columns += ["TTA final mean ± std", "TTA − plain (paired)"]
+    columns += [f"final − {name} (paired)" for name in settings.get("reference") or []]
+    cells = []
+    for r in report["rows"]:
+        row = [r["folder"], r["recipe"], r["norm"], ",".join(map(str, r["seeds"])),
+               "; ".join(" / ".join(f"{v:.2f}" for v in a) for a in r["last3"]),
+               f"{r['last3_min']:.2f}", machine.mean_std(r["final_mean"], r["final_std"], 2),
+               r["meets"]]  # fmt: skip
+        if settings.get("tta"):
+            t = r["tta_finals"]
+            std = statistics.stdev(t) if len(t) > 1 else None
+            row += [machine.mean_std(statistics.mean(t), std, 2), difference_text(r["tta_gain"])]
+        row += [difference_text(r["vs"].get(name)) for name in settings.get("reference") or []]
+        cells.append(row)
     held_out = " (5,000 training images held out; the test set untouched)" * (on == "val")
     return machine.page(report, __doc__, f"Accuracy on the {on} split{held_out}.", "",
                         *machine.table(columns, cells),
-                        title="Choosing MNIST's epochs on the validation split")  # fmt: skip
+                        title="Choosing MNIST's recipe on the validation split")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -81,9 +81,11 @@ def test_quick_levers_report_each_lever(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def val_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[float]]]:
+def val_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, list[float]], Path]:
     """bench/choose_defaults.py train on tiny data, BN and LN, one seed: (the folder, each
-    norm's validation accuracies as stored)."""
+    norm's validation accuracies as stored, the data folder)."""
     from normcli.checkpoint import read_metadata
     from normcli.data import write_synthetic
 
@@ -103,13 +105,13 @@ def val_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     stamp = {p: p.stat().st_mtime_ns for p in paths}  # a second train keeps finished runs
     again = run_script("choose_defaults.py", "train", "--out", out, *args, "--data-dir", root)
     assert again.returncode == 0 and {p: p.stat().st_mtime_ns for p in paths} == stamp
-    return out, histories
+    return out, histories, root
 
 
 def test_choose_defaults_judges_the_held_out_split(val_runs, tmp_path: Path) -> None:
     """The summary reads the validation accuracies from the stored histories, and one seed
     can reject but not accept."""
-    out, histories = val_runs
+    out, histories, _ = val_runs
     summary, page = tmp_path / "val.json", tmp_path / "val.md"
     result = run_script(
         "choose_defaults.py", "summarize", out, "--json", summary, "--markdown", page
@@ -124,6 +126,50 @@ def test_choose_defaults_judges_the_held_out_split(val_runs, tmp_path: Path) -> 
         assert row["final_mean"] == pytest.approx(accs[-1])
         # one seed: a failure rejects, a pass stays open until three seeds agree
         assert row["meets"] == ("no" if min(accs) < 99.4 else "open (1 seed)")
+
+
+def test_choose_defaults_ablates_a_trick_against_a_reference_with_tta(
+    val_runs, tmp_path: Path
+) -> None:
+    """A folder trained with --ema and --label-smoothing records both; summarize --reference
+    gives each seed's paired difference from the reference folder, and --tta the final
+    weights' TTA accuracy on the run's own held-out images (the ones its history scored)."""
+    from normcli import data, tta
+    from normcli.checkpoint import load_checkpoint, read_metadata
+    from normcli.evaluate import evaluate
+    from normcli.run import hold_out
+
+    ref, histories, root = val_runs
+    out = ref.parent / "e3_tricks"
+    args = ["--epochs", "3", "--seeds", "1", "--norms", "bn", "--val", "64", "--jobs", "1"]
+    tricks = ["--ema", "0.9", "--label-smoothing", "0.2"]
+    result = run_script("choose_defaults.py", "train", "--out", out, *args, *tricks,
+                        "--data-dir", root)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = out / "bn_s1.safetensors"
+    t = read_metadata(path).train_args
+    assert (t.ema, t.label_smoothing, t.epochs) == (0.9, 0.2, 3)
+    final = read_metadata(path).history[-1]["val_accuracy"]
+    summary = tmp_path / "ablation.json"
+    result = run_script("choose_defaults.py", "summarize", ref, out, "--reference", ref.name,
+                        "--tta", "--data-dir", root, "--json", summary)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {(r["folder"], r["norm"]): r for r in json.loads(summary.read_text())["rows"]}
+    row = rows[out.name, "bn"]
+    assert row["recipe"] == "3 epochs, batch 64, lr 0.05, EMA 0.9, label smoothing 0.2"
+    assert row["vs"][ref.name]["mean"] == pytest.approx(final - histories["bn"][-1])
+    assert row["vs"][ref.name]["n"] == 1 and row["vs"][ref.name]["interval"] is None
+    assert rows[ref.name, "bn"]["vs"] == {}  # the reference is not compared with itself
+    assert rows[ref.name, "ln"]["vs"] == {}  # nor a norm the other folder lacks
+    ckpt = load_checkpoint(path)
+    held = hold_out(data.load_split("mnist", True, root), 64, 1)[1]
+    dataset = data.get_dataset("mnist")
+    assert evaluate(ckpt.model, held, dataset).accuracy == pytest.approx(final)  # the same split
+    expected = tta.evaluate_tta(ckpt.model, held, dataset).accuracy
+    assert row["tta_finals"] == [pytest.approx(expected)]
+    assert row["tta_gain"]["mean"] == pytest.approx(expected - final)
+    bad = run_script("choose_defaults.py", "summarize", ref, "--reference", "nowhere")
+    assert bad.returncode == 2 and "--reference" in bad.stderr
 
 
 def test_quick_sweep_packing_times_both_sides_of_the_same_grid(tmp_path: Path) -> None:
