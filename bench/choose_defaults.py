@@ -116,10 +116,12 @@ def verdict(last3_least: list[float], finals: list[float]) -> str:
 
 def recipe_text(t: Any) -> str:
     """A run's training recipe in words, its optional tricks included."""
-    tricks = [f"EMA {t.ema:g}"] * bool(t.ema) + [f"label smoothing {t.label_smoothing:g}"] * bool(
-        t.label_smoothing
-    )
-    return ", ".join([f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}", *tricks])
+    parts = [f"{t.epochs} epochs", f"batch {t.batch_size}", f"lr {t.lr:g}"]
+    if t.ema:
+        parts.append(f"EMA {t.ema:g}")
+    if t.label_smoothing:
+        parts.append(f"label smoothing {t.label_smoothing:g}")
+    return ", ".join(parts)
 
 
 def tta_accuracy(path: Path, on: str, data_dir: Path | None, splits: dict) -> float:
@@ -139,9 +141,11 @@ def tta_accuracy(path: Path, on: str, data_dir: Path | None, splits: dict) -> fl
     return tta.evaluate_tta(ckpt.model, split, data.get_dataset(name)).accuracy
 
 
-def folder_rows(folder: Path, on: str, tta_data: Path | None | bool = False) -> list[dict]:
+def folder_rows(
+    folder: Path, on: str, tta: bool = False, data_dir: Path | None = None
+) -> list[dict]:
     """Per norm in `folder`: the seeds, each run's last three and final accuracies on `on`, and
-    (`tta_data` not False: the data folder, None for the default) the final TTA accuracies."""
+    with `tta` the final weights' TTA accuracies (the data read from `data_dir`)."""
     key, by_norm, recipe, splits = f"{on}_accuracy", {}, None, {}
     for path in sorted(folder.glob("*.safetensors")):
         meta = read_metadata(path)
@@ -150,8 +154,8 @@ def folder_rows(folder: Path, on: str, tta_data: Path | None | bool = False) -> 
             continue  # unfinished, or no validation split
         recipe = recipe_text(t)
         accs = [row[key] for row in meta.history]
-        tta = None if tta_data is False else tta_accuracy(path, on, tta_data, splits)
-        by_norm.setdefault(meta.model_args.norm, []).append((t.seed, accs, tta))
+        with_tta = tta_accuracy(path, on, data_dir, splits) if tta else None
+        by_norm.setdefault(meta.model_args.norm, []).append((t.seed, accs, with_tta))
     rows = []
     for norm, runs in ((n, sorted(by_norm[n])) for n in RUNS if n in by_norm):
         finals, last3 = [a[-1] for _, a, _ in runs], [min(a[-3:]) for _, a, _ in runs]
@@ -161,7 +165,7 @@ def folder_rows(folder: Path, on: str, tta_data: Path | None | bool = False) -> 
             "final_mean": statistics.mean(finals),
             "final_std": statistics.stdev(finals) if len(finals) > 1 else None,
             "meets": verdict(last3, finals),
-            "tta_finals": None if tta_data is False else [v for *_, v in runs],
+            "tta_finals": [v for *_, v in runs] if tta else None,
         })  # fmt: skip
     return rows
 
@@ -210,8 +214,7 @@ def summarize(
     if missing:
         message = f"not among the folders: {', '.join(missing)}"
         raise typer.BadParameter(message, param_hint="--reference")
-    tta_data = data_dir if tta else False
-    rows = [row for folder in folders for row in folder_rows(folder, on, tta_data)]
+    rows = [row for folder in folders for row in folder_rows(folder, on, tta, data_dir)]
     compare(rows, reference)
     settings = {"on": on, "reference": reference, "tta": tta}
     report = machine.new_report(settings=settings, rows=rows)
