@@ -21,6 +21,7 @@ One failing seed rejects a recipe; fewer seeds without a failure leave it open.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 import subprocess
@@ -124,7 +125,13 @@ def recipe_text(t: Any) -> str:
     return ", ".join(parts)
 
 
-def tta_accuracy(path: Path, on: str, data_dir: Path | None, splits: dict) -> float:
+@functools.cache
+def whole_split(name: str, train: bool, data_dir: Path | None) -> data.Split:
+    """A dataset's whole training or test split, read once per summary."""
+    return data.load_split(name, train, machine.data_root(data_dir))
+
+
+def tta_accuracy(path: Path, on: str, data_dir: Path | None) -> float:
     """The final weights' accuracy (%) on `on` (the run's own held-out images, or the test set)
     under test-time augmentation (normcli.tta): its own protocol, beside the plain number."""
     from normcli import tta
@@ -133,9 +140,7 @@ def tta_accuracy(path: Path, on: str, data_dir: Path | None, splits: dict) -> fl
 
     ckpt = load_checkpoint(path)
     t, name = ckpt.meta.train_args, ckpt.meta.model_args.dataset
-    if (name, on) not in splits:
-        splits[name, on] = data.load_split(name, on != "test", machine.data_root(data_dir))
-    split = splits[name, on]
+    split = whole_split(name, on != "test", data_dir)
     if on == "val":
         split = hold_out(split, t.val, t.seed)[1]
     return tta.evaluate_tta(ckpt.model, split, data.get_dataset(name)).accuracy
@@ -146,7 +151,7 @@ def folder_rows(
 ) -> list[dict]:
     """Per norm in `folder`: the seeds, each run's last three and final accuracies on `on`, and
     with `tta` the final weights' TTA accuracies (the data read from `data_dir`)."""
-    key, by_norm, recipe, splits = f"{on}_accuracy", {}, None, {}
+    key, by_norm, recipe = f"{on}_accuracy", {}, None
     for path in sorted(folder.glob("*.safetensors")):
         meta = read_metadata(path)
         t = meta.train_args
@@ -154,7 +159,7 @@ def folder_rows(
             continue  # unfinished, or no validation split
         recipe = recipe_text(t)
         accs = [row[key] for row in meta.history]
-        with_tta = tta_accuracy(path, on, data_dir, splits) if tta else None
+        with_tta = tta_accuracy(path, on, data_dir) if tta else None
         by_norm.setdefault(meta.model_args.norm, []).append((t.seed, accs, with_tta))
     rows = []
     for norm, runs in ((n, sorted(by_norm[n])) for n in RUNS if n in by_norm):
@@ -234,11 +239,12 @@ def difference_text(d: dict | None) -> str:
 def render_markdown(report: dict) -> str:
     """The summary as a Markdown page: one row per folder and norm."""
     on, settings = report["settings"]["on"], report["settings"]
+    references = settings.get("reference") or []  # absent from summaries written before it
     columns = ["folder", "recipe", "run", "seeds", f"{on} acc, last three epochs per seed",
                "least", "final mean ± std", "meets"]  # fmt: skip
     if settings.get("tta"):
         columns += ["TTA final mean ± std", "TTA − plain (paired)"]
-    columns += [f"final − {name} (paired)" for name in settings.get("reference") or []]
+    columns += [f"final − {name} (paired)" for name in references]
     cells = []
     for r in report["rows"]:
         row = [r["folder"], r["recipe"], r["norm"], ",".join(map(str, r["seeds"])),
@@ -249,7 +255,7 @@ def render_markdown(report: dict) -> str:
             t = r["tta_finals"]
             std = statistics.stdev(t) if len(t) > 1 else None
             row += [machine.mean_std(statistics.mean(t), std, 2), difference_text(r["tta_gain"])]
-        row += [difference_text(r["vs"].get(name)) for name in settings.get("reference") or []]
+        row += [difference_text(r["vs"].get(name)) for name in references]
         cells.append(row)
     held_out = " (5,000 training images held out; the test set untouched)" * (on == "val")
     return machine.page(report, __doc__, f"Accuracy on the {on} split{held_out}.", "",
